@@ -1,0 +1,30 @@
+"""Exponential moving average of the generator's weights (the official G_smoothing)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def make_ema(generator: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(generator).eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+def ema_beta(batch: int, beta: float = 0.999, half_life_kimg: float = 0.0) -> float:
+    """The per-step decay: the paper's fixed beta, or one from a half-life in images, so the
+    average covers the same number of images whatever the minibatch (for short runs)."""
+    if half_life_kimg > 0:
+        return 0.5 ** (batch / (half_life_kimg * 1000.0))
+    return beta
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, generator: nn.Module, beta: float) -> None:
+    """ema = beta * ema + (1 - beta) * generator, parameter by parameter."""
+    for p_ema, p in zip(ema.parameters(), generator.parameters()):
+        p_ema.lerp_(p.detach(), 1.0 - beta)
+    for b_ema, b in zip(ema.buffers(), generator.buffers()):
+        b_ema.copy_(b)

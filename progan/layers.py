@@ -1,0 +1,91 @@
+"""The paper's building blocks: equalised learning rate, pixelwise norm, minibatch stddev."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LRELU_GAIN = math.sqrt(2.0)
+
+
+class EqualizedConv2d(nn.Module):
+    """Conv with weights drawn N(0, 1) and scaled at run time by the He constant gain/sqrt(fan_in),
+    so Adam's per-parameter step sizes act alike on every layer (paper section 4.1)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
+                 gain: float = LRELU_GAIN, padding: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.scale = gain / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.padding = kernel_size // 2 if padding is None else padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        o, i, k, _ = self.weight.shape
+        return f"{i}, {o}, kernel_size={k}, padding={self.padding}, scale={self.scale:.4g}"
+
+
+class EqualizedLinear(nn.Module):
+    """Dense layer with the same run-time He scaling as EqualizedConv2d."""
+
+    def __init__(self, in_features: int, out_features: int, gain: float = LRELU_GAIN, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.scale = gain / math.sqrt(in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        o, i = self.weight.shape
+        return f"{i}, {o}, scale={self.scale:.4g}"
+
+
+class PixelNorm(nn.Module):
+    """Normalises each pixel's feature vector to unit length (paper section 4.2)."""
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
+
+
+class MinibatchStddev(nn.Module):
+    """Appends one feature map: the stddev of each feature over a group of samples, averaged
+    over features and pixels (paper section 3). Groups are consecutive samples, so a batch
+    split into contiguous per-worker shares (multiples of the group size) forms the same groups
+    as the whole batch on one worker."""
+
+    def __init__(self, group_size: int = 4, eps: float = 1e-8):
+        super().__init__()
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = min(self.group_size, n)
+        if g <= 1 or n % g:
+            g = 1 if g <= 1 else math.gcd(n, g)
+        if g <= 1:  # a stddev over one sample is zero; keep the channel so shapes do not change
+            return torch.cat([x, x.new_zeros(n, 1, h, w)], dim=1)
+        y = x.reshape(n // g, g, c, h, w)
+        y = (y - y.mean(dim=1, keepdim=True)).pow(2).mean(dim=1)       # variance over the group
+        y = torch.sqrt(y + self.eps).mean(dim=(1, 2, 3))               # one number per group
+        y = y.repeat_interleave(g).reshape(n, 1, 1, 1).expand(n, 1, h, w)
+        return torch.cat([x, y], dim=1)
+
+
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def downsample2x(x: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(x, 2)
