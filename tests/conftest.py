@@ -14,6 +14,5 @@ def faces_dir() -> Path:
     return FACES
 
 
-# Keep torch from oversubscribing the two cores when Ray starts several processes.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Keep every Ray node a test starts on loopback (ray-2.60-facts.md).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
