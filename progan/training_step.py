@@ -1,0 +1,72 @@
+"""One training step: a critic step (with its penalty) then a generator step, as the official
+code alternates them (D_repeats=1). Knows nothing of ranks: the loop hands in DDP-wrapped or
+bare modules alike. The benchmark times exactly this function.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from progan.layers import downsample2x, upsample2x
+
+
+def fade_reals(reals: torch.Tensor, alpha: float) -> torch.Tensor:
+    """During a fade-in the reals are blended like G's output: the half-resolution image
+    (2x2 average, nearest upsampled) mixed with the full one by alpha (official process_reals)."""
+    if alpha >= 1.0:
+        return reals
+    return torch.lerp(upsample2x(downsample2x(reals)), reals, alpha)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Stops gradients into `module`'s parameters for a while (D during the generator step)."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def critic_step(G, D, opt_d: torch.optim.Optimizer, loss, reals: torch.Tensor, resolution: int,
+                alpha: float, latent_size: int) -> dict:
+    z = torch.randn(reals.shape[0], latent_size, device=reals.device)
+    with torch.no_grad():
+        fakes = G(z, resolution, alpha)
+    opt_d.zero_grad(set_to_none=True)
+    d_loss, stats = loss.critic_loss(lambda x: D(x, resolution, alpha), reals, fakes)
+    d_loss.backward()
+    opt_d.step()
+    return stats
+
+
+def generator_step(G, D_module: nn.Module, opt_g: torch.optim.Optimizer, loss, batch: int,
+                   resolution: int, alpha: float, latent_size: int, device) -> dict:
+    """D_module is the bare critic (not its DDP wrapper): its parameters get no gradient here,
+    so its reducer must not expect any."""
+    z = torch.randn(batch, latent_size, device=device)
+    opt_g.zero_grad(set_to_none=True)
+    with frozen(D_module):
+        g_loss, stats = loss.generator_loss(lambda x: D_module(x, resolution, alpha), G(z, resolution, alpha))
+        g_loss.backward()
+    opt_g.step()
+    return stats
+
+
+def train_step(G, D, D_module: nn.Module, opt_g, opt_d, loss, reals: torch.Tensor, resolution: int,
+               alpha: float, latent_size: int) -> dict:
+    """Critic step on `reals` (already faded), then a generator step on as many latents."""
+    stats = critic_step(G, D, opt_d, loss, reals, resolution, alpha, latent_size)
+    stats.update(generator_step(G, D_module, opt_g, loss, reals.shape[0], resolution, alpha,
+                                latent_size, reals.device))
+    return stats
+
+
+def make_optimizer(module: nn.Module, lr: float, beta1: float, beta2: float, eps: float):
+    """Adam over every parameter; frozen ones (other resolutions) get no grad and are skipped."""
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=(beta1, beta2), eps=eps)
