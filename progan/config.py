@@ -84,7 +84,7 @@ class ClusterConfig:
     nodes: int = 4                 # local nodes started by launch.py (when no address)
     address: str = ""              # "" = start a local cluster; "auto" or HOST:PORT = join one
     workers: int = 0               # training workers; 0 = one per node
-    min_workers: int = 1           # elastic lower bound
+    min_workers: int = 0           # elastic lower bound; 0 = not elastic (always `workers`)
     cpus_per_worker: int = 1
     use_gpu: str = "auto"          # auto | true | false
     max_failures: int = 3
@@ -266,7 +266,7 @@ def validate(cfg: Config) -> None:
     c = cfg.cluster
     _check(c.nodes >= 1, "cluster.nodes", c.nodes, ">= 1")
     _check(c.workers >= 0, "cluster.workers", c.workers, ">= 0 (0 = one per node)")
-    _check(c.min_workers >= 1, "cluster.min_workers", c.min_workers, ">= 1")
+    _check(c.min_workers >= 0, "cluster.min_workers", c.min_workers, ">= 0 (0 = not elastic)")
     _check(c.cpus_per_worker >= 1, "cluster.cpus_per_worker", c.cpus_per_worker, ">= 1")
     _check(c.use_gpu in ("auto", "true", "false"), "cluster.use_gpu", c.use_gpu, "auto, true, false")
     _check(c.max_failures >= 0, "cluster.max_failures", c.max_failures, ">= 0")
