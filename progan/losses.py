@@ -29,10 +29,13 @@ class WGANGP:
     def __init__(self, gp_lambda: float = 10.0, drift_epsilon: float = 0.001, gp_target: float = 1.0):
         self.gp_lambda, self.drift_epsilon, self.gp_target = gp_lambda, drift_epsilon, gp_target
 
-    def critic_loss(self, D: Critic, reals: torch.Tensor, fakes: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def critic_loss(self, D: Critic, reals: torch.Tensor, fakes: torch.Tensor,
+                    mix: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """`mix`: the per-sample interpolation factors, U(0, 1) when not given."""
         real_scores = D(reals)
         fake_scores = D(fakes)
-        mix = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
+        if mix is None:
+            mix = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
         _, grad_sq = _input_gradient_norm_sq(D, torch.lerp(reals, fakes.detach(), mix))
         penalty = (grad_sq.add(1e-12).sqrt() - self.gp_target).pow(2) / self.gp_target ** 2
         loss = (fake_scores - real_scores + self.gp_lambda * penalty

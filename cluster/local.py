@@ -1,0 +1,74 @@
+"""N Ray nodes on this machine, all on loopback, for `launch.py --nodes N` and the tests.
+
+Each node is a real raylet (`ray.cluster_utils.Cluster`). Every node gets two logical CPUs and
+one `trainslot`: the training worker takes a CPU and the slot, so workers spread one per node
+and each node keeps a CPU for Ray Data's read tasks (ray-2.60-facts.md: with one CPU per node
+the ingest hung). Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray starts, or every node
+advertises the machine's network address instead of 127.0.0.1.
+"""
+from __future__ import annotations
+
+import os
+
+from progan.trainer import TRAIN_SLOT
+
+CPUS_PER_NODE = 2
+
+
+def _gpus_per_node(nodes: int) -> int:
+    try:
+        import torch
+        return torch.cuda.device_count() // nodes
+    except Exception:
+        return 0
+
+
+class LocalCluster:
+    """Context manager: starts the head (with the dashboard on 127.0.0.1) and N-1 worker nodes,
+    connects this process as the driver, and tears everything down on exit."""
+
+    def __init__(self, nodes: int, dashboard_port: int = 8265, include_dashboard: bool = True):
+        if nodes < 1:
+            raise ValueError(f"--nodes: got {nodes}, allowed: >= 1")
+        self.nodes, self.dashboard_port, self.include_dashboard = nodes, dashboard_port, include_dashboard
+        self.cluster = None
+        self.dashboard_url = ""
+
+    def _node_args(self) -> dict:
+        return {"num_cpus": CPUS_PER_NODE, "num_gpus": _gpus_per_node(self.nodes),
+                "resources": {TRAIN_SLOT: 1}}
+
+    def start(self) -> "LocalCluster":
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs in the dashboard
+        import ray
+        from ray.cluster_utils import Cluster
+
+        head = {**self._node_args(), "include_dashboard": self.include_dashboard,
+                "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port}
+        self.cluster = Cluster(initialize_head=True, head_node_args=head)
+        for _ in range(self.nodes - 1):
+            self.cluster.add_node(**self._node_args())
+        context = ray.init(address=self.cluster.address, logging_level="WARNING", log_to_driver=True)
+        self.cluster.wait_for_nodes()
+        self.dashboard_url = f"http://{context.dashboard_url}" if context.dashboard_url else ""
+        return self
+
+    def add_node(self):
+        return self.cluster.add_node(**self._node_args())
+
+    def remove_node(self, node) -> None:
+        self.cluster.remove_node(node)
+
+    def shutdown(self) -> None:
+        import ray
+        ray.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

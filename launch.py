@@ -1,0 +1,176 @@
+"""The one entry point: `python launch.py --nodes 4 [--config FILE] [--data DIR] [key.sub=value ...]`.
+
+Validates everything it can before Ray starts (a user mistake costs a second, not a minute),
+starts a local N-node Ray cluster on loopback or joins one (`--address`), turns raw photos into
+shards with the data pipeline when needed, runs progressive training on Ray Train, and prints
+the dashboard URL, the run folder and where the final sample grid is.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from progan.checkpoint import CheckpointError, load_checkpoint
+from progan.config import Config, ConfigError, load_config, save_config
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Progressive GAN training on a Ray cluster.")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.add_argument("--nodes", type=int, default=None, help="local Ray nodes to start (default: cluster.nodes)")
+    p.add_argument("--address", default=None, help="join a running cluster: 'auto' or HOST:PORT")
+    p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG}, or the run's own on --resume)")
+    p.add_argument("--data", default=None, help="shards folder (with manifest.json) or a folder of raw photos")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--run-name", default=None, help="name of the run folder under checkpoint.run_root")
+    p.add_argument("--workers", type=int, default=None, help="training workers (default: one per node)")
+    p.add_argument("--min-nodes", type=int, default=None, help="elastic: fewest workers to keep training with")
+    p.add_argument("--max-nodes", type=int, default=None, help="elastic: most workers to grow back to")
+    p.add_argument("--dashboard-port", type=int, default=8265)
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
+    overrides = list(args.overrides)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UsageError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+        cfg = load_config(args.config or run_dir / "config.yaml", overrides)
+    else:
+        cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+        name = args.run_name or time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.checkpoint.run_root) / name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UsageError(f"run folder {run_dir} exists already: pick another --run-name or --resume it")
+    c = cfg.cluster
+    if args.nodes is not None:
+        if args.nodes < 1:
+            raise UsageError(f"--nodes: got {args.nodes}, allowed: >= 1")
+        c.nodes = args.nodes
+    if args.address is not None:
+        c.address = args.address
+    if args.workers is not None:
+        c.workers = args.workers
+    if args.max_nodes is not None:
+        c.workers = args.max_nodes
+    if args.min_nodes is not None:
+        c.min_workers = args.min_nodes
+    if args.data is not None:
+        cfg.data.path = args.data
+    workers = c.workers or c.nodes
+    if workers < 1 or (c.min_workers and not 1 <= c.min_workers <= workers):
+        raise UsageError(f"--min-nodes/--max-nodes: got {c.min_workers}..{workers}, allowed: 1 <= min <= max")
+    if not cfg.data.path:
+        raise UsageError("no data: pass --data DIR (shards or raw photos) or set data.path")
+    return cfg, run_dir.resolve()
+
+
+def check_data(cfg: Config) -> tuple[Path, bool]:
+    """(path, is_shards): a shards folder is used as is, a folder of photos goes through the pipeline."""
+    from data_pipeline.loader import stored_resolution
+    from data_pipeline.sources import IMAGE_EXTENSIONS
+
+    path = Path(cfg.data.path)
+    if not path.is_dir():
+        raise UsageError(f"--data {path}: no such folder")
+    if (path / "manifest.json").is_file():
+        try:
+            stored = stored_resolution(str(path))
+        except ValueError as exc:
+            raise UsageError(str(exc))
+        if stored < cfg.model.max_resolution:
+            raise UsageError(f"--data {path}: shards hold {stored}x{stored} images but model.max_resolution is "
+                             f"{cfg.model.max_resolution}; make shards at >= {cfg.model.max_resolution} or lower it")
+        return path, True
+    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*") if p.is_file()):
+        raise UsageError(f"--data {path}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return path, False
+
+
+@contextlib.contextmanager
+def ray_cluster(cfg: Config, dashboard_port: int):
+    """Starts a local cluster (nothing beyond 127.0.0.1) or joins cfg.cluster.address."""
+    import ray
+
+    if cfg.cluster.address:
+        context = ray.init(address=cfg.cluster.address, logging_level="WARNING")
+        try:
+            yield (f"http://{context.dashboard_url}" if context.dashboard_url else ""), False
+        finally:
+            ray.shutdown()
+        return
+    from cluster.local import LocalCluster
+
+    with LocalCluster(cfg.cluster.nodes, dashboard_port=dashboard_port) as local:
+        yield local.dashboard_url, True
+
+
+def prepare_shards(cfg: Config, photos: Path, run_dir: Path) -> Path:
+    """Raw photos -> shards in the run's data folder, at the model's final resolution."""
+    from data_pipeline.__main__ import main as data_pipeline_main
+
+    out = run_dir / "data"
+    print(f"[launch] preparing face shards from {photos} -> {out}", flush=True)
+    status = data_pipeline_main(["--input", str(photos), "--output", str(out),
+                                 "--resolution", str(cfg.model.max_resolution), "--address", "auto"])
+    if status:
+        raise UsageError(f"the data pipeline stopped (exit status {status}) on {photos}")
+    return out
+
+
+def train(cfg: Config, run_dir: Path, shards: Path, train_slot: bool) -> dict:
+    from data_pipeline.loader import read_shards
+    from progan.trainer import build_trainer
+
+    trainer = build_trainer(cfg, run_dir, read_shards(str(shards)), cfg.cluster.workers or cfg.cluster.nodes,
+                            train_slot=train_slot)
+    result = trainer.fit()
+    return dict(result.metrics or {})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg, run_dir = resolve_config(args)
+        data_path, is_shards = check_data(cfg)
+        if args.resume:
+            try:  # refuse an incompatible config before starting anything
+                checkpoints = sorted(run_dir.glob("checkpoint_*/checkpoint.pt"))
+                if checkpoints:
+                    load_checkpoint(checkpoints[-1], cfg.to_dict()["model"])
+            except CheckpointError as exc:
+                raise UsageError(str(exc))
+    except (ConfigError, UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    print(f"[launch] run folder: {run_dir}", flush=True)
+    started = time.time()
+    with ray_cluster(cfg, args.dashboard_port) as (dashboard_url, local):
+        if dashboard_url:
+            print(f"[launch] Ray dashboard: {dashboard_url}", flush=True)
+        print(f"[launch] Ray ready after {time.time() - started:.1f} s", flush=True)
+        shards = data_path if is_shards else prepare_shards(cfg, data_path, run_dir)
+        metrics = train(cfg, run_dir, shards, train_slot=local)
+    grids = sorted((run_dir / "samples").glob("*.png"), key=os.path.getmtime)
+    print(f"[launch] done: {json.dumps({k: v for k, v in metrics.items() if k != 'sample_grid'})}")
+    if grids:
+        print(f"[launch] final sample grid: {grids[-1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The full training state <-> one file, written atomically and checked on load.
+
+A checkpoint is a plain dict (nanoGPT style): the model arguments, the three networks, both
+optimisers, progress counters, RNG states and the resolved config. `torch.load(weights_only=True)`
+reads it, so a checkpoint file cannot run code.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+FILENAME = "checkpoint.pt"
+# Fields that must match for a checkpoint to continue under a config: they fix the networks' shapes.
+SHAPE_FIELDS = ("max_resolution", "latent_size", "fmap_base", "fmap_max", "num_channels", "mbstd_group_size")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; str() is one line."""
+
+
+def save_checkpoint(state: dict, directory: str | Path) -> Path:
+    """Writes `state` to directory/checkpoint.pt via a temporary file and a rename, so a process
+    killed mid-write leaves either the old file or the new one, never half of one."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / FILENAME
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return final
+
+
+def load_checkpoint(path: str | Path, model_config: dict | None = None) -> dict:
+    """Loads and checks a checkpoint file (or a folder holding one). With `model_config`, refuses a
+    checkpoint whose networks have other shapes, naming the field."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or unsafe content
+        raise CheckpointError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format version {version!r}, this code reads {FORMAT_VERSION}")
+    if model_config is not None:
+        saved = state["config"]["model"]
+        for name in SHAPE_FIELDS:
+            if saved[name] != model_config[name]:
+                raise CheckpointError(f"checkpoint {path}: model.{name} is {saved[name]!r} there but "
+                                      f"{model_config[name]!r} in the config; they must match to continue")
+    return state

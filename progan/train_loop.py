@@ -1,0 +1,267 @@
+"""`train_loop_per_worker`: progressive training on one Ray Train worker.
+
+The only module that knows about ranks, DistributedDataParallel and Ray. Every rank runs the same
+schedule from the same global image count, so collective calls (DDP all-reduces, stats
+all-reduce, `ray.train.report`) happen at the same steps everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data_pipeline.loader import iterate_batches
+from progan.checkpoint import load_checkpoint, save_checkpoint
+from progan.config import Config, config_from_dict
+from progan.ema import ema_beta, make_ema, update_ema
+from progan.losses import make_loss
+from progan.networks import Discriminator, Generator, set_trainable
+from progan.samples import fixed_latents, sample_name, write_sample_grid
+from progan.schedule import Phase, build_phases, phase_at, worker_batch
+from progan.training_step import fade_reals, make_optimizer, train_step
+
+STAT_KEYS = ("loss_d", "loss_g", "grad_penalty", "score_real", "score_fake")
+
+
+def build_networks(cfg: Config) -> tuple[Generator, Discriminator]:
+    m = cfg.model
+    torch.manual_seed(cfg.data.seed)  # the same initial weights on every rank
+    G = Generator(m.max_resolution, m.latent_size, m.fmap_base, m.fmap_max, m.num_channels)
+    D = Discriminator(m.max_resolution, m.fmap_base, m.fmap_max, m.num_channels, m.mbstd_group_size)
+    return G, D
+
+
+def wrap_for_phase(G, D, resolution: int, fading: bool, device: torch.device) -> tuple[DDP, DDP]:
+    """Freezes the layers this phase does not use and wraps both networks in a new DDP:
+    fade-in and stable phases use different parameter sets, and DDP with
+    find_unused_parameters=False (and never static_graph, which lets ranks drift under the
+    gradient penalty) needs exactly the used ones to require grad (ddp-growing-gan-facts.md)."""
+    set_trainable(G, resolution, fading)
+    set_trainable(D, resolution, fading)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DDP(G, device_ids=device_ids), DDP(D, device_ids=device_ids)  # the models have no buffers
+
+
+def weights_digest(*modules: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes: equal digests on all ranks mean bit-identical weights."""
+    h = hashlib.sha1()
+    for module in modules:
+        for p in module.parameters():
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_args(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg.model)
+
+
+class _RunLog:
+    """Rank 0's files in the run folder: stats as JSON lines, events, and the progress line."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.run_dir, self.enabled = run_dir, enabled
+
+    def append(self, name: str, record: dict) -> None:
+        if self.enabled:
+            with open(self.run_dir / name, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def event(self, kind: str, **fields) -> None:
+        self.append("events.jsonl", {"time": time.time(), "event": kind, **fields})
+
+    def progress(self, s: dict) -> None:
+        if self.enabled:
+            print(f"[progan] res {s['resolution']:4d} {s['phase']:9s} alpha {s['alpha']:.3f} "
+                  f"kimg {s['kimg']:9.2f} img/s {s['img_per_s']:7.1f} "
+                  f"loss_d {s['loss_d']:+.4f} loss_g {s['loss_g']:+.4f} gp {s['grad_penalty']:.4f}", flush=True)
+
+
+class _Trainer:
+    """The state of one worker's run; methods are the loop's steps."""
+
+    def __init__(self, loop_config: dict):
+        self.cfg = config_from_dict(loop_config["config"])
+        self.run_dir = Path(loop_config["run_dir"])
+        self.test_hooks = loop_config.get("test_hooks", {})  # failure injection for tests; off by default
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.log = _RunLog(self.run_dir, self.rank == 0)
+        self.phases = build_phases(self.cfg)
+        self.total_images = round(self.phases[-1].end_kimg * 1000)
+        self.G, self.D = build_networks(self.cfg)
+        self.G.to(self.device)
+        self.D.to(self.device)
+        self.G_ema = make_ema(self.G)
+        self.loss = make_loss(**dataclasses.asdict(self.cfg.loss))
+        self.sample_latents = fixed_latents(self.cfg.checkpoint.sample_grid ** 2, self.cfg.model.latent_size)
+        self.images_seen, self.step, self.epoch = 0, 0, 0
+        self.phase: Phase | None = None
+        self.opt_g = self.opt_d = None
+        self.saved_optimizers: dict | None = None
+        self._restore()
+        self.next_checkpoint = self._next_checkpoint_after(self.images_seen)
+
+    # ---------------------------------------------------------------- state
+
+    def _restore(self) -> None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            torch.manual_seed(self.cfg.data.seed * 1000 + 1 + self.rank)
+            self.log.event("start", world_size=self.world, kimg=0.0)
+            return
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory, model_args(self.cfg))
+        self.G.load_state_dict(state["generator"])
+        self.D.load_state_dict(state["discriminator"])
+        self.G_ema.load_state_dict(state["generator_ema"])
+        self.images_seen, self.step, self.epoch = state["images_seen"], state["step"], state["epoch"]
+        self.saved_optimizers = {"phase_index": state["phase_index"], "g": state["opt_g"], "d": state["opt_d"]}
+        rng = state["rng_states"]
+        if len(rng) == self.world:  # same world size: every rank continues its own random stream
+            torch.set_rng_state(rng[self.rank])
+        else:
+            torch.manual_seed(self.cfg.data.seed * 1000 + 1 + self.rank + self.images_seen)
+        self.log.event("resume", world_size=self.world, kimg=self.images_seen / 1000,
+                       previous_world_size=len(rng))
+
+    def _state(self, rng_states: list) -> dict:
+        return {
+            "model_args": model_args(self.cfg), "config": self.cfg.to_dict(),
+            "generator": self.G.state_dict(), "discriminator": self.D.state_dict(),
+            "generator_ema": self.G_ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "images_seen": self.images_seen, "step": self.step, "epoch": self.epoch,
+            "phase_index": self.phase.index, "resolution": self.phase.resolution,
+            "fading": self.phase.fading, "alpha": self.phase.alpha(self.kimg),
+            "rng_states": rng_states, "world_size": self.world,
+        }
+
+    @property
+    def kimg(self) -> float:
+        return self.images_seen / 1000.0
+
+    def _next_checkpoint_after(self, images: int) -> int:
+        every = round(self.cfg.checkpoint.every_kimg * 1000)
+        return (images // every + 1) * every
+
+    # ---------------------------------------------------------------- phases
+
+    def _enter_phase(self, phase: Phase) -> None:
+        first = self.phase is None
+        self.phase = phase
+        self.G_ddp = self.D_ddp = None  # drop the previous phase's wrappers before making new ones
+        self.G_ddp, self.D_ddp = wrap_for_phase(self.G, self.D, phase.resolution, phase.fading, self.device)
+        o = self.cfg.optimizer
+        if first or self.cfg.schedule.reset_optimizer_on_fade:
+            # the official code resets Adam whenever the level of detail starts or stops changing
+            self.opt_g = make_optimizer(self.G, phase.lr, o.beta1, o.beta2, o.eps)
+            self.opt_d = make_optimizer(self.D, phase.lr, o.beta1, o.beta2, o.eps)
+        saved = self.saved_optimizers
+        if first and saved is not None and (saved["phase_index"] == phase.index
+                                            or not self.cfg.schedule.reset_optimizer_on_fade):
+            self.opt_g.load_state_dict(saved["g"])
+            self.opt_d.load_state_dict(saved["d"])
+        self.saved_optimizers = None
+        for opt in (self.opt_g, self.opt_d):
+            for group in opt.param_groups:
+                group["lr"] = phase.lr
+        self.batch = worker_batch(phase.batch, self.world)
+        self.log.event("phase", index=phase.index, resolution=phase.resolution, phase=phase.name,
+                       kimg=self.kimg, global_batch=self.batch * self.world, world_size=self.world)
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self) -> None:
+        window_start, window_images = time.perf_counter(), 0
+        while self.images_seen < self.total_images:
+            phase = phase_at(self.phases, self.kimg)
+            if self.phase is None or phase.index != self.phase.index:
+                self._enter_phase(phase)
+            batches = 0
+            for reals in iterate_batches(ray.train.get_dataset_shard("train"), self.batch, phase.resolution,
+                                         self.cfg.data.mirror, self.cfg.data.shuffle_buffer,
+                                         seed=self.cfg.data.seed + 7919 * self.epoch + self.rank, device=self.device):
+                batches += 1
+                alpha = phase.alpha(self.kimg)
+                stats = train_step(self.G_ddp, self.D_ddp, self.D, self.opt_g, self.opt_d, self.loss,
+                                   fade_reals(reals, alpha), phase.resolution, alpha, self.cfg.model.latent_size)
+                o = self.cfg.optimizer
+                update_ema(self.G_ema, self.G, ema_beta(self.batch * self.world, o.ema_beta, o.ema_half_life_kimg))
+                self.images_seen += self.batch * self.world
+                self.step += 1
+                window_images += self.batch * self.world
+                if self.step % self.cfg.monitoring.log_every_steps == 0:
+                    elapsed = time.perf_counter() - window_start
+                    self.last_stats = self._log_stats(stats, alpha, window_images / max(elapsed, 1e-9))
+                    window_start, window_images = time.perf_counter(), 0
+                phase_done = self.images_seen >= round(phase.end_kimg * 1000)
+                if phase_done or self.images_seen >= self.next_checkpoint:
+                    self._checkpoint(alpha if not phase_done else phase.alpha(phase.end_kimg))
+                    self._after_checkpoint()
+                if phase_done:
+                    break
+            else:
+                self.epoch += 1
+                if batches == 0:
+                    raise RuntimeError(f"the dataset gives no full batch of {self.batch} images to rank {self.rank}: "
+                                       f"use more images or a smaller schedule.minibatch")
+
+    def _log_stats(self, stats: dict, alpha: float, img_per_s: float) -> dict:
+        values = torch.stack([stats[k].float().cpu() for k in STAT_KEYS])
+        dist.all_reduce(values)  # mean over ranks
+        values /= self.world
+        record = {"time": time.time(), "kimg": self.kimg, "step": self.step, "resolution": self.phase.resolution,
+                  "phase": self.phase.name, "alpha": alpha, "img_per_s": img_per_s, "world_size": self.world,
+                  "global_batch": self.batch * self.world, "lr": self.phase.lr,
+                  **{k: float(v) for k, v in zip(STAT_KEYS, values)}}
+        if not all(math.isfinite(record[k]) for k in STAT_KEYS):
+            record["nonfinite"] = True
+        self.log.append("stats.jsonl", record)
+        self.log.progress(record)
+        return record
+
+    def _checkpoint(self, alpha: float) -> None:
+        """Every rank calls report (a collective); rank 0 attaches the checkpoint and a sample grid.
+        Before that the ranks compare weight digests: a divergence fails the attempt, so Ray Train
+        restarts from the last checkpoint instead of saving weights that differ across ranks."""
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, (torch.get_rng_state(), weights_digest(self.G, self.D)))
+        rng_states = [g[0] for g in gathered]
+        if len({g[1] for g in gathered}) != 1:
+            self.log.event("rank_divergence", kimg=self.kimg, digests=[g[1] for g in gathered])
+            raise RuntimeError(f"ranks hold different weights at kimg {self.kimg:.3f}")
+        self.next_checkpoint = self._next_checkpoint_after(self.images_seen)
+        metrics = {"kimg": self.kimg, "images_seen": self.images_seen, "step": self.step,
+                   "resolution": self.phase.resolution, "phase": self.phase.name, "alpha": alpha,
+                   "world_size": self.world, "ranks_identical": True, "weights_digest": gathered[0][1]}
+        metrics.update({k: v for k, v in getattr(self, "last_stats", {}).items() if k in STAT_KEYS + ("img_per_s",)})
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        sample = write_sample_grid(self.G_ema, self.sample_latents, self.phase.resolution, alpha,
+                                   self.run_dir / "samples" / sample_name(self.phase.resolution, self.images_seen))
+        metrics["sample_grid"] = str(sample)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(self._state(rng_states), tmp)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        self.log.event("checkpoint", kimg=self.kimg, sample_grid=str(sample))
+
+    def _after_checkpoint(self) -> None:
+        fail_after = self.test_hooks.get("fail_after_kimg")
+        if fail_after is not None and self.kimg >= fail_after:
+            raise RuntimeError(f"test hook: injected failure after the checkpoint at kimg {self.kimg:.3f}")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    _Trainer(loop_config).run()
