@@ -1,0 +1,180 @@
+"""Progressive training on a real 2-node local Ray cluster, with shards made by the data pipeline
+from real faces. One cluster for the whole module: each Ray start costs tens of seconds here."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import ray.train
+import torch
+from PIL import Image
+from ray.cloudpickle import register_pickle_by_value
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from cluster.local import LocalCluster
+from data_pipeline.loader import read_shards
+from progan.checkpoint import load_checkpoint
+from progan.config import load_config
+from progan.losses import WGANGP
+from progan.train_loop import build_networks, wrap_for_phase
+from progan.trainer import build_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TOTAL_IMAGES = 640  # five phases of 128 images: 4 stable, 8 fade, 8 stable, 16 fade, 16 stable
+
+
+def tiny_config(*overrides):
+    return load_config(REPO / "configs" / "demo.yaml", [
+        "model.max_resolution=16", "model.latent_size=16", "model.fmap_base=64", "model.fmap_max=16",
+        "schedule.stabilize_kimg_at={}", "schedule.fade_kimg_at={}", "schedule.stabilize_kimg=0.128",
+        "schedule.fade_kimg=0.128", "schedule.total_kimg=0.64", "schedule.minibatch={}",
+        "schedule.minibatch_default=16", "checkpoint.every_kimg=0.096", "checkpoint.num_to_keep=3",
+        "checkpoint.sample_grid=4", "monitoring.log_every_steps=2", "cluster.max_failures=0", *overrides])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests folder
+    with LocalCluster(2, include_dashboard=False) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def shards(cluster, faces_dir, tmp_path_factory):
+    photos = tmp_path_factory.mktemp("photos")
+    for path in sorted((faces_dir / "aligned").glob("*.jpg"))[32:96]:  # 64 photos
+        shutil.copy(path, photos)
+    out = tmp_path_factory.mktemp("shards") / "faces16"
+    subprocess.run([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", str(out),
+                    "--resolution", "16", "--shard-size", "16", "--address", cluster.cluster.address],
+                   check=True, cwd=REPO, timeout=600)
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(cluster, shards, tmp_path_factory):
+    """A run that fails right after its mid-fade-in checkpoint at 0.192 kimg, then a second
+    trainer on the same run folder, which resumes from that checkpoint."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    run_dir.mkdir()
+    cfg = tiny_config()
+    first = build_trainer(cfg, run_dir, read_shards(str(shards)), workers=2, train_slot=True,
+                          extra_loop_config={"test_hooks": {"fail_after_kimg": 0.19}})
+    with pytest.raises(ray.train.WorkerGroupError, match="injected failure"):
+        first.fit()
+    result = build_trainer(cfg, run_dir, read_shards(str(shards)), workers=2, train_slot=True).fit()
+    return run_dir, result
+
+
+def test_tiny_schedule_grows_4_8_16_and_completes(interrupted_then_resumed):
+    run_dir, result = interrupted_then_resumed
+    assert result.metrics["images_seen"] == TOTAL_IMAGES
+    assert result.metrics["resolution"] == 16 and result.metrics["alpha"] == 1.0
+    stats = read_jsonl(run_dir / "stats.jsonl")
+    assert {s["resolution"] for s in stats} == {4, 8, 16}
+    fading = [s["alpha"] for s in stats if s["phase"] == "fade-in"]
+    assert fading and all(0 < a < 1 for a in fading) and fading != sorted(fading)[::-1]
+    assert all(s["world_size"] == 2 and s["global_batch"] == 16 for s in stats)
+    state = load_checkpoint(result.checkpoint.path)
+    assert state["images_seen"] == TOTAL_IMAGES and state["resolution"] == 16
+    assert set(state) >= {"generator", "discriminator", "generator_ema", "opt_g", "opt_d", "rng_states", "config"}
+    assert len(list(run_dir.glob("checkpoint_*"))) >= 3
+
+
+def test_ranks_stay_identical_through_fade_in_and_stable_phases(interrupted_then_resumed):
+    """Every checkpoint all-gathers a hash of each rank's weights and fails the run if they differ;
+    the run passed checkpoints inside fade-ins (0.192, 0.48 kimg) and stable phases (0.288, 0.576)."""
+    run_dir, result = interrupted_then_resumed
+    events = read_jsonl(run_dir / "events.jsonl")
+    assert not [e for e in events if e["event"] == "rank_divergence"]
+    checkpoint_kimg = {round(e["kimg"], 3) for e in events if e["event"] == "checkpoint"}
+    assert {0.192, 0.48, 0.288, 0.576} <= checkpoint_kimg
+    assert result.metrics["ranks_identical"] is True
+
+
+def test_checkpoints_and_sample_grids_exist(interrupted_then_resumed):
+    run_dir, _ = interrupted_then_resumed
+    grids = sorted((run_dir / "samples").glob("res*_kimg*.png"))
+    assert {g.name[:6] for g in grids} == {"res004", "res008", "res016"}
+    with Image.open(grids[-1]) as img:
+        assert img.size == (64 * 4, 64 * 4)  # 4x4 grid, 16x16 tiles enlarged to 64x64
+
+
+def test_resume_continues_the_image_count_exactly(interrupted_then_resumed):
+    run_dir, result = interrupted_then_resumed
+    events = read_jsonl(run_dir / "events.jsonl")
+    resumes = [e for e in events if e["event"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["kimg"] == pytest.approx(0.192)
+    stats = read_jsonl(run_dir / "stats.jsonl")
+    steps = [s["step"] for s in stats]
+    # the first attempt logged up to step 12 (0.192 kimg); the resumed one goes on from step 13
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+    assert result.metrics["step"] == TOTAL_IMAGES // 16
+
+
+def critic_and_generator_grads(config: dict) -> None:
+    """One critic and one generator backward on a fixed batch of 8, split across the ranks."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = tiny_config()
+    G, D = build_networks(cfg)
+    G_ddp, D_ddp = wrap_for_phase(G, D, 8, True, torch.device("cpu"))
+    data = torch.load(config["data"])
+    share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    loss = WGANGP()
+    fakes = G_ddp(data["z"][share], 8, 0.5)
+    d_loss, _ = loss.critic_loss(lambda x: D_ddp(x, 8, 0.5), data["reals"][share], fakes.detach(), data["mix"][share])
+    d_loss.backward()
+    D.requires_grad_(False)  # as the training step does: G's loss must not add to D's gradients
+    g_loss, _ = loss.generator_loss(lambda x: D(x, 8, 0.5), fakes)
+    g_loss.backward()
+    if rank == 0:
+        grads = {f"G.{n}": p.grad for n, p in G.named_parameters() if p.grad is not None}
+        grads.update({f"D.{n}": p.grad for n, p in D.named_parameters() if p.grad is not None})
+        torch.save(grads, config["out"])
+    ray.train.report({"done": 1})
+
+
+def test_two_workers_with_half_the_batch_match_one_worker(cluster, shards, tmp_path):
+    reals = next(read_shards(str(shards)).iter_torch_batches(batch_size=8))["image"]
+    reals = torch.nn.functional.avg_pool2d(reals.permute(0, 3, 1, 2).float() / 127.5 - 1, 2)
+    torch.manual_seed(3)
+    torch.save({"reals": reals, "z": torch.randn(8, 16), "mix": torch.rand(8, 1, 1, 1)}, tmp_path / "data.pt")
+    grads = {}
+    for workers in (1, 2):
+        out = tmp_path / f"grads{workers}.pt"
+        TorchTrainer(critic_and_generator_grads, train_loop_config={"data": str(tmp_path / "data.pt"), "out": str(out)},
+                     scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+                     torch_config=TorchConfig(backend="gloo"),
+                     run_config=RunConfig(storage_path=str(tmp_path), name=f"grads{workers}")).fit()
+        grads[workers] = torch.load(out)
+    assert grads[1].keys() == grads[2].keys() and len(grads[1]) > 10
+    assert any(k.startswith("D.from_rgb.4.") for k in grads[1])  # the fade-in's old path got gradients
+    for name in grads[1]:
+        torch.testing.assert_close(grads[2][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "0"], "--nodes: got 0, allowed: >= 1"),
+    (["--data", "EMPTY"], "no images found"),
+    (["--data", "SHARDS", "model.max_resolution=32"], "shards hold 16x16 images but model.max_resolution is 32"),
+    (["--data", "MISSING"], "no such folder"),
+    (["model.max_resolution=48"], "model.max_resolution: got 48"),
+])
+def test_launch_rejects_wrong_input_in_one_line(args, message, shards, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no photos here")
+    subst = {"EMPTY": str(tmp_path / "empty"), "SHARDS": str(shards), "MISSING": str(tmp_path / "nope")}
+    argv = [subst.get(a, a) for a in args]
+    proc = subprocess.run([sys.executable, "launch.py", *argv, "checkpoint.run_root=" + str(tmp_path / "runs")],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
