@@ -87,7 +87,7 @@ class ClusterConfig:
     min_workers: int = 0           # elastic lower bound; 0 = not elastic (always `workers`)
     cpus_per_worker: int = 1
     use_gpu: str = "auto"          # auto | true | false
-    max_failures: int = 3
+    max_failures: int = 10         # worker restarts (crashes, lost nodes, NaN rollbacks) before giving up
 
 
 @dataclass
@@ -102,6 +102,7 @@ class CheckpointConfig:
     num_to_keep: int = 3
     sample_grid: int = 8           # an N x N grid of fixed latents
     run_root: str = "runs"
+    max_nan_rollbacks: int = 3     # rollbacks to the same checkpoint before the run stops
 
 
 @dataclass
@@ -277,4 +278,5 @@ def validate(cfg: Config) -> None:
     k = cfg.checkpoint
     _check(k.every_kimg > 0, "checkpoint.every_kimg", k.every_kimg, "> 0")
     _check(k.num_to_keep >= 1, "checkpoint.num_to_keep", k.num_to_keep, ">= 1")
+    _check(k.max_nan_rollbacks >= 1, "checkpoint.max_nan_rollbacks", k.max_nan_rollbacks, ">= 1")
     _check(1 <= k.sample_grid <= 32, "checkpoint.sample_grid", k.sample_grid, "1..32")

@@ -116,9 +116,11 @@ class _Trainer:
 
     def _restore(self) -> None:
         checkpoint = ray.train.get_checkpoint()
+        self.resumed, self.stopped, self.checkpoint_images = checkpoint is not None, False, 0
         if checkpoint is None:
             torch.manual_seed(self.cfg.data.seed * 1000 + 1 + self.rank)
             self.log.event("start", world_size=self.world, kimg=0.0)
+            self._check_repeated_rollbacks()
             return
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory, model_args(self.cfg))
@@ -126,6 +128,8 @@ class _Trainer:
         self.D.load_state_dict(state["discriminator"])
         self.G_ema.load_state_dict(state["generator_ema"])
         self.images_seen, self.step, self.epoch = state["images_seen"], state["step"], state["epoch"]
+        self.checkpoint_images = self.images_seen
+        self._check_repeated_rollbacks()
         self.saved_optimizers = {"phase_index": state["phase_index"], "g": state["opt_g"], "d": state["opt_d"]}
         rng = state["rng_states"]
         if len(rng) == self.world:  # same world size: every rank continues its own random stream
@@ -134,6 +138,23 @@ class _Trainer:
             torch.manual_seed(self.cfg.data.seed * 1000 + 1 + self.rank + self.images_seen)
         self.log.event("resume", world_size=self.world, kimg=self.images_seen / 1000,
                        previous_world_size=len(rng))
+
+    def _check_repeated_rollbacks(self) -> None:
+        """Rolling back to the same checkpoint again and again would loop forever: after
+        `checkpoint.max_nan_rollbacks` of them the run stops with a clear event instead."""
+        if self.rank == 0:
+            events = self.run_dir / "events.jsonl"
+            lines = [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []
+            here = [e for e in lines if e["event"] == "nan_rollback"
+                    and e["checkpoint_kimg"] == self.checkpoint_images / 1000]
+            decision = [len(here) >= self.cfg.checkpoint.max_nan_rollbacks, self.checkpoint_images / 1000]
+        else:
+            decision = [None, None]
+        dist.broadcast_object_list(decision, src=0)
+        if decision[0]:
+            self.stopped = True
+            self.log.event("stopped", reason=f"non-finite losses after {self.cfg.checkpoint.max_nan_rollbacks} "
+                                             f"rollbacks to the checkpoint at kimg {decision[1]:.3f}")
 
     def _state(self, rng_states: list) -> dict:
         return {
@@ -183,39 +204,66 @@ class _Trainer:
     # ---------------------------------------------------------------- the loop
 
     def run(self) -> None:
-        window_start, window_images = time.perf_counter(), 0
+        if self.stopped:
+            return
+        self.window_start, self.window_images = time.perf_counter(), 0
         while self.images_seen < self.total_images:
             phase = phase_at(self.phases, self.kimg)
             if self.phase is None or phase.index != self.phase.index:
                 self._enter_phase(phase)
-            batches = 0
-            for reals in iterate_batches(ray.train.get_dataset_shard("train"), self.batch, phase.resolution,
-                                         self.cfg.data.mirror, self.cfg.data.shuffle_buffer,
-                                         seed=self.cfg.data.seed + 7919 * self.epoch + self.rank, device=self.device):
-                batches += 1
-                alpha = phase.alpha(self.kimg)
-                stats = train_step(self.G_ddp, self.D_ddp, self.D, self.opt_g, self.opt_d, self.loss,
-                                   fade_reals(reals, alpha), phase.resolution, alpha, self.cfg.model.latent_size)
-                o = self.cfg.optimizer
-                update_ema(self.G_ema, self.G, ema_beta(self.batch * self.world, o.ema_beta, o.ema_half_life_kimg))
-                self.images_seen += self.batch * self.world
-                self.step += 1
-                window_images += self.batch * self.world
-                if self.step % self.cfg.monitoring.log_every_steps == 0:
-                    elapsed = time.perf_counter() - window_start
-                    self.last_stats = self._log_stats(stats, alpha, window_images / max(elapsed, 1e-9))
-                    window_start, window_images = time.perf_counter(), 0
-                phase_done = self.images_seen >= round(phase.end_kimg * 1000)
-                if phase_done or self.images_seen >= self.next_checkpoint:
-                    self._checkpoint(alpha if not phase_done else phase.alpha(phase.end_kimg))
-                    self._after_checkpoint()
-                if phase_done:
-                    break
-            else:
-                self.epoch += 1
-                if batches == 0:
-                    raise RuntimeError(f"the dataset gives no full batch of {self.batch} images to rank {self.rank}: "
-                                       f"use more images or a smaller schedule.minibatch")
+            self._train_until_epoch_or_phase_end(phase)
+
+    def _train_until_epoch_or_phase_end(self, phase: Phase) -> None:
+        batches = 0
+        waiting_since = time.perf_counter()
+        for reals in iterate_batches(ray.train.get_dataset_shard("train"), self.batch, phase.resolution,
+                                     self.cfg.data.mirror, self.cfg.data.shuffle_buffer,
+                                     seed=self.cfg.data.seed + 7919 * self.epoch + self.rank, device=self.device):
+            batches += 1
+            self._train_one_step(phase, reals, data_wait=time.perf_counter() - waiting_since)
+            phase_done = self.images_seen >= round(phase.end_kimg * 1000)
+            if phase_done or self.images_seen >= self.next_checkpoint:
+                self._checkpoint(1.0 if phase_done else phase.alpha(self.kimg))
+                self._after_checkpoint()
+            if phase_done:
+                return
+            waiting_since = time.perf_counter()
+        self.epoch += 1
+        if batches == 0:
+            raise RuntimeError(f"the dataset gives no full batch of {self.batch} images to rank {self.rank}: "
+                               f"use more images or a smaller schedule.minibatch")
+
+    def _train_one_step(self, phase: Phase, reals: torch.Tensor, data_wait: float) -> None:
+        started = time.perf_counter()
+        alpha = phase.alpha(self.kimg)
+        stats = train_step(self.G_ddp, self.D_ddp, self.D, self.opt_g, self.opt_d, self.loss,
+                           fade_reals(reals, alpha), phase.resolution, alpha, self.cfg.model.latent_size)
+        self._stop_on_nonfinite(stats)
+        o = self.cfg.optimizer
+        images = self.batch * self.world
+        update_ema(self.G_ema, self.G, ema_beta(images, o.ema_beta, o.ema_half_life_kimg))
+        self.images_seen += images
+        self.step += 1
+        self.window_images += images
+        if self.step % self.cfg.monitoring.log_every_steps == 0:
+            elapsed = time.perf_counter() - self.window_start
+            self.last_stats = self._log_stats(stats, alpha, self.window_images / max(elapsed, 1e-9))
+            self.window_start, self.window_images = time.perf_counter(), 0
+        self.step_seconds, self.data_wait_seconds = time.perf_counter() - started, data_wait
+
+    def _stop_on_nonfinite(self, stats: dict) -> None:
+        """A NaN/Inf loss on any rank fails this attempt on every rank at the same step (one small
+        all-reduce per step), so Ray Train restarts the workers from the last good checkpoint."""
+        losses = torch.stack([stats["loss_d"], stats["loss_g"]]).float().cpu()
+        nan_at = self.test_hooks.get("nan_at_kimg")
+        if nan_at is not None and not self.resumed and self.kimg >= nan_at:
+            losses[0] = float("nan")  # test hook: a loss blow-up, once per run
+        bad = torch.tensor([0.0 if torch.isfinite(losses).all() else 1.0])
+        dist.all_reduce(bad)
+        if bad.item() > 0:
+            self.log.event("nan_rollback", kimg=self.kimg, checkpoint_kimg=self.checkpoint_images / 1000)
+            raise FloatingPointError(f"non-finite loss at kimg {self.kimg:.3f}: rolling back to the checkpoint "
+                                     f"at kimg {self.checkpoint_images / 1000:.3f}")
 
     def _log_stats(self, stats: dict, alpha: float, img_per_s: float) -> dict:
         values = torch.stack([stats[k].float().cpu() for k in STAT_KEYS])
@@ -242,6 +290,7 @@ class _Trainer:
             self.log.event("rank_divergence", kimg=self.kimg, digests=[g[1] for g in gathered])
             raise RuntimeError(f"ranks hold different weights at kimg {self.kimg:.3f}")
         self.next_checkpoint = self._next_checkpoint_after(self.images_seen)
+        self.checkpoint_images = self.images_seen
         metrics = {"kimg": self.kimg, "images_seen": self.images_seen, "step": self.step,
                    "resolution": self.phase.resolution, "phase": self.phase.name, "alpha": alpha,
                    "world_size": self.world, "ranks_identical": True, "weights_digest": gathered[0][1]}
