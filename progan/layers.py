@@ -47,6 +47,46 @@ class EqualizedLinear(nn.Module):
         return f"{i}, {o}, scale={self.scale:.4g}"
 
 
+class _LeakyReLUFn(torch.autograd.Function):
+    """leaky_relu, in place on its input (always a fresh conv/dense output here, which nothing
+    else reads). Its backward is leaky_relu_backward on the *detached* output: the same values
+    as autograd's, but in a double backward (the gradient penalty) nothing flows back into the
+    activation, whose true second derivative is zero; autograd's own formula sends a
+    zeros_like tensor there, which then runs through the layers below as full convolution
+    backward passes on zeros. An undefined incoming gradient (what a convolution's double
+    backward gives its input) likewise stays undefined instead of becoming zeros."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, slope: float) -> torch.Tensor:
+        ctx.mark_dirty(x)
+        ctx.set_materialize_grads(False)  # an undefined gradient stays undefined, not zeros
+        y = torch.nn.functional.leaky_relu_(x, slope)
+        ctx.save_for_backward(y)
+        ctx.slope = slope
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        if grad is None:
+            return None, None
+        (y,) = ctx.saved_tensors
+        # y > 0 exactly where the input was > 0 (slope > 0), so this is autograd's formula
+        return torch.ops.aten.leaky_relu_backward(grad, y.detach(), ctx.slope, True), None
+
+
+class LeakyReLU(nn.LeakyReLU):
+    """nn.LeakyReLU(0.2) computed in place (see _LeakyReLUFn); only for inputs that are fresh
+    intermediate results (a leaf that requires grad or a tensor read elsewhere must not come here)."""
+
+    def __init__(self, negative_slope: float = 0.2):
+        super().__init__(negative_slope, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and x.is_leaf:
+            return F.leaky_relu(x, self.negative_slope)
+        return _LeakyReLUFn.apply(x, self.negative_slope)
+
+
 class PixelNorm(nn.Module):
     """Normalises each pixel's feature vector to unit length (paper section 4.2)."""
 

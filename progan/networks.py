@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from progan.layers import (LRELU_GAIN, EqualizedConv2d, EqualizedLinear, MinibatchStddev,
+from progan.layers import (LRELU_GAIN, EqualizedConv2d, EqualizedLinear, LeakyReLU, MinibatchStddev,
                            PixelNorm, downsample2x, upsample2x)
 
 
@@ -35,7 +35,7 @@ class _ConvAct(nn.Sequential):
     """Equalised conv, leaky ReLU 0.2, and (in G) pixelwise normalisation."""
 
     def __init__(self, cin: int, cout: int, kernel: int, pixel_norm: bool, padding: int | None = None):
-        layers = [EqualizedConv2d(cin, cout, kernel, padding=padding), nn.LeakyReLU(0.2)]
+        layers = [EqualizedConv2d(cin, cout, kernel, padding=padding), LeakyReLU(0.2)]
         if pixel_norm:
             layers.append(PixelNorm())
         super().__init__(*layers)
@@ -50,7 +50,7 @@ class _LatentTo4x4(nn.Module):
         self.channels = channels
         self.dense = EqualizedLinear(latent_size, channels * 16, gain=LRELU_GAIN / 4, bias=False)
         self.bias = nn.Parameter(torch.zeros(channels, 1, 1))
-        self.act = nn.Sequential(nn.LeakyReLU(0.2), PixelNorm())
+        self.act = nn.Sequential(LeakyReLU(0.2), PixelNorm())
         self.conv = _ConvAct(channels, channels, 3, pixel_norm=True)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -142,7 +142,7 @@ class Discriminator(nn.Module):
         self.from_rgb = nn.ModuleDict()
         self.blocks = nn.ModuleDict()
         for res in resolutions_up_to(max_resolution):
-            self.from_rgb[str(res)] = nn.Sequential(EqualizedConv2d(num_channels, nf(res), 1), nn.LeakyReLU(0.2))
+            self.from_rgb[str(res)] = nn.Sequential(EqualizedConv2d(num_channels, nf(res), 1), LeakyReLU(0.2))
             self.blocks[str(res)] = (_CriticHead(nf(4), feature_maps(2, fmap_base, fmap_max), mbstd_group_size)
                                      if res == 4 else _ShrinkBlock(nf(res), nf(res // 2)))
 
