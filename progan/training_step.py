@@ -68,5 +68,12 @@ def train_step(G, D, D_module: nn.Module, opt_g, opt_d, loss, reals: torch.Tenso
 
 
 def make_optimizer(module: nn.Module, lr: float, beta1: float, beta2: float, eps: float):
-    """Adam over every parameter; frozen ones (other resolutions) get no grad and are skipped."""
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=(beta1, beta2), eps=eps)
+    """Adam over every parameter; frozen ones (other resolutions) get no grad and are skipped.
+    The fused kernel (one pass over all parameters instead of about ten element-wise ops per
+    parameter tensor) where torch has it for the parameters' device and dtype: the same update."""
+    params = list(module.parameters())
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in
+                                 (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+                                 for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=(float(beta1), float(beta2)), eps=eps,
+                            fused=fused or None)
