@@ -1,4 +1,7 @@
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,3 +19,46 @@ def faces_dir() -> Path:
 
 # Keep every Ray node a test starts on loopback (ray-2.60-facts.md).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="module")
+def cluster(request):
+    """One local Ray cluster per test module (a module sets CLUSTER_NODES; default 2)."""
+    from ray.cloudpickle import register_pickle_by_value
+
+    from cluster.local import LocalCluster
+
+    register_pickle_by_value(request.module)  # workers cannot import the tests folder
+    with LocalCluster(getattr(request.module, "CLUSTER_NODES", 2), include_dashboard=False) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def shards(cluster, faces_dir, tmp_path_factory):
+    """16x16 face shards made by the data pipeline, on the module's cluster, from 64 real photos."""
+    photos = tmp_path_factory.mktemp("photos")
+    for path in sorted((faces_dir / "aligned").glob("*.jpg"))[32:96]:
+        shutil.copy(path, photos)
+    out = tmp_path_factory.mktemp("shards") / "faces16"
+    subprocess.run([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", str(out),
+                    "--resolution", "16", "--shard-size", "16", "--address", cluster.cluster.address],
+                   check=True, cwd=REPO, timeout=600)
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def tiny_config(*overrides):
+    """A 16x16 network small enough for CPU tests: five phases of 128 images (640 in all)."""
+    from progan.config import load_config
+
+    return load_config(REPO / "configs" / "demo.yaml", [
+        "model.max_resolution=16", "model.latent_size=16", "model.fmap_base=64", "model.fmap_max=16",
+        "schedule.stabilize_kimg_at={}", "schedule.fade_kimg_at={}", "schedule.stabilize_kimg=0.128",
+        "schedule.fade_kimg=0.128", "schedule.total_kimg=0.64", "schedule.minibatch={}",
+        "schedule.minibatch_default=16", "checkpoint.every_kimg=0.096", "checkpoint.num_to_keep=3",
+        "checkpoint.sample_grid=4", "monitoring.log_every_steps=2", "cluster.max_failures=0", *overrides])

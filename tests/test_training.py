@@ -1,7 +1,5 @@
 """Progressive training on a real 2-node local Ray cluster, with shards made by the data pipeline
 from real faces. One cluster for the whole module: each Ray start costs tens of seconds here."""
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,52 +9,20 @@ import ray
 import ray.train
 import torch
 from PIL import Image
-from ray.cloudpickle import register_pickle_by_value
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from cluster.local import LocalCluster
 from data_pipeline.loader import read_shards
 from progan.checkpoint import load_checkpoint
-from progan.config import load_config
+from progan.config import config_from_dict
 from progan.losses import WGANGP
 from progan.train_loop import build_networks, wrap_for_phase
 from progan.trainer import build_trainer
 
+from conftest import read_jsonl, tiny_config
+
 REPO = Path(__file__).resolve().parents[1]
 TOTAL_IMAGES = 640  # five phases of 128 images: 4 stable, 8 fade, 8 stable, 16 fade, 16 stable
-
-
-def tiny_config(*overrides):
-    return load_config(REPO / "configs" / "demo.yaml", [
-        "model.max_resolution=16", "model.latent_size=16", "model.fmap_base=64", "model.fmap_max=16",
-        "schedule.stabilize_kimg_at={}", "schedule.fade_kimg_at={}", "schedule.stabilize_kimg=0.128",
-        "schedule.fade_kimg=0.128", "schedule.total_kimg=0.64", "schedule.minibatch={}",
-        "schedule.minibatch_default=16", "checkpoint.every_kimg=0.096", "checkpoint.num_to_keep=3",
-        "checkpoint.sample_grid=4", "monitoring.log_every_steps=2", "cluster.max_failures=0", *overrides])
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests folder
-    with LocalCluster(2, include_dashboard=False) as local:
-        yield local
-
-
-@pytest.fixture(scope="module")
-def shards(cluster, faces_dir, tmp_path_factory):
-    photos = tmp_path_factory.mktemp("photos")
-    for path in sorted((faces_dir / "aligned").glob("*.jpg"))[32:96]:  # 64 photos
-        shutil.copy(path, photos)
-    out = tmp_path_factory.mktemp("shards") / "faces16"
-    subprocess.run([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", str(out),
-                    "--resolution", "16", "--shard-size", "16", "--address", cluster.cluster.address],
-                   check=True, cwd=REPO, timeout=600)
-    return out
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +90,7 @@ def critic_and_generator_grads(config: dict) -> None:
     """One critic and one generator backward on a fixed batch of 8, split across the ranks."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = tiny_config()
-    G, D = build_networks(cfg)
+    G, D = build_networks(config_from_dict(config["config"]))
     G_ddp, D_ddp = wrap_for_phase(G, D, 8, True, torch.device("cpu"))
     data = torch.load(config["data"])
     share = slice(rank * 8 // world, (rank + 1) * 8 // world)
@@ -151,7 +116,8 @@ def test_two_workers_with_half_the_batch_match_one_worker(cluster, shards, tmp_p
     grads = {}
     for workers in (1, 2):
         out = tmp_path / f"grads{workers}.pt"
-        TorchTrainer(critic_and_generator_grads, train_loop_config={"data": str(tmp_path / "data.pt"), "out": str(out)},
+        TorchTrainer(critic_and_generator_grads, train_loop_config={"data": str(tmp_path / "data.pt"), "out": str(out),
+                                                                         "config": tiny_config().to_dict()},
                      scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
                      torch_config=TorchConfig(backend="gloo"),
                      run_config=RunConfig(storage_path=str(tmp_path), name=f"grads{workers}")).fit()
