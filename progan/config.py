@@ -87,6 +87,9 @@ class ClusterConfig:
     min_workers: int = 0           # elastic lower bound; 0 = not elastic (always `workers`)
     cpus_per_worker: int = 1
     use_gpu: str = "auto"          # auto | true | false
+    # how long Ray Train waits for a worker group to start; after a node is lost the first
+    # attempt still counts it, so this bounds recovery time (Ray's default is 60 s)
+    worker_start_timeout_s: float = 30.0
     max_failures: int = 10         # worker restarts (crashes, lost nodes, NaN rollbacks) before giving up
 
 
@@ -270,6 +273,7 @@ def validate(cfg: Config) -> None:
     _check(c.min_workers >= 0, "cluster.min_workers", c.min_workers, ">= 0 (0 = not elastic)")
     _check(c.cpus_per_worker >= 1, "cluster.cpus_per_worker", c.cpus_per_worker, ">= 1")
     _check(c.use_gpu in ("auto", "true", "false"), "cluster.use_gpu", c.use_gpu, "auto, true, false")
+    _check(c.worker_start_timeout_s > 0, "cluster.worker_start_timeout_s", c.worker_start_timeout_s, "> 0")
     _check(c.max_failures >= 0, "cluster.max_failures", c.max_failures, ">= 0")
     _check(cfg.monitoring.log_every_steps >= 1, "monitoring.log_every_steps",
            cfg.monitoring.log_every_steps, ">= 1")

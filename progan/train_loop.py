@@ -256,8 +256,9 @@ class _Trainer:
         all-reduce per step), so Ray Train restarts the workers from the last good checkpoint."""
         losses = torch.stack([stats["loss_d"], stats["loss_g"]]).float().cpu()
         nan_at = self.test_hooks.get("nan_at_kimg")
-        if nan_at is not None and not self.resumed and self.kimg >= nan_at:
-            losses[0] = float("nan")  # test hook: a loss blow-up, once per run
+        once = not self.resumed or self.test_hooks.get("nan_every_attempt", False)
+        if nan_at is not None and once and self.kimg >= nan_at:
+            losses[0] = float("nan")  # test hook: a loss blow-up (once per run unless nan_every_attempt)
         bad = torch.tensor([0.0 if torch.isfinite(losses).all() else 1.0])
         dist.all_reduce(bad)
         if bad.item() > 0:

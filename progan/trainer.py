@@ -1,6 +1,7 @@
 """Builds the Ray Train `TorchTrainer` for a run: scaling, storage, failure and checkpoint policy."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import ray
@@ -39,6 +40,8 @@ def build_trainer(cfg: Config, run_dir: Path, dataset: ray.data.Dataset, workers
     """`run_dir` is storage_path/name, so Ray's checkpoints land in the run folder, and a new
     trainer on the same folder resumes from its latest checkpoint."""
     run_dir = Path(run_dir).resolve()
+    # read by Ray Train's controller, which inherits the driver's RAY_TRAIN_* variables
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.cluster.worker_start_timeout_s)
     scaling = scaling_config(cfg, workers, train_slot)
     return TorchTrainer(
         train_loop_per_worker,
