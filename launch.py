@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     p.add_argument("--run-name", default=None, help="name of the run folder under checkpoint.run_root")
     p.add_argument("--workers", type=int, default=None, help="training workers (default: one per node)")
-    p.add_argument("--min-nodes", type=int, default=None, help="elastic: fewest workers to keep training with")
+    p.add_argument("--min-nodes", type=int, default=None,
+                   help="elastic: fewest workers to keep training with (default 1; equal to --nodes for a fixed size)")
     p.add_argument("--max-nodes", type=int, default=None, help="elastic: most workers to grow back to")
     p.add_argument("--dashboard-port", type=int, default=8265)
     return p.parse_args(argv)
@@ -67,6 +68,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
         c.workers = args.max_nodes
     if args.min_nodes is not None:
         c.min_workers = args.min_nodes
+    elif c.min_workers == 0:
+        c.min_workers = 1  # elastic by default: train on with whatever workers remain
     if args.data is not None:
         cfg.data.path = args.data
     workers = c.workers or c.nodes

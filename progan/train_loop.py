@@ -206,7 +206,7 @@ class _Trainer:
     def run(self) -> None:
         if self.stopped:
             return
-        self.window_start, self.window_images = time.perf_counter(), 0
+        self._reset_window()
         while self.images_seen < self.total_images:
             phase = phase_at(self.phases, self.kimg)
             if self.phase is None or phase.index != self.phase.index:
@@ -244,12 +244,17 @@ class _Trainer:
         update_ema(self.G_ema, self.G, ema_beta(images, o.ema_beta, o.ema_half_life_kimg))
         self.images_seen += images
         self.step += 1
-        self.window_images += images
-        if self.step % self.cfg.monitoring.log_every_steps == 0:
-            elapsed = time.perf_counter() - self.window_start
-            self.last_stats = self._log_stats(stats, alpha, self.window_images / max(elapsed, 1e-9))
-            self.window_start, self.window_images = time.perf_counter(), 0
         self.step_seconds, self.data_wait_seconds = time.perf_counter() - started, data_wait
+        self.window_images += images
+        self.window_wait += data_wait
+        if self.step % self.cfg.monitoring.log_every_steps == 0:
+            elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+            self.last_stats = self._log_stats(stats, alpha, self.window_images / elapsed, self.window_wait / elapsed)
+            self._reset_window()
+
+    def _reset_window(self) -> None:
+        """Throughput and data-wait share are measured over the steps between two stats lines."""
+        self.window_start, self.window_images, self.window_wait = time.perf_counter(), 0, 0.0
 
     def _stop_on_nonfinite(self, stats: dict) -> None:
         """A NaN/Inf loss on any rank fails this attempt on every rank at the same step (one small
@@ -266,12 +271,13 @@ class _Trainer:
             raise FloatingPointError(f"non-finite loss at kimg {self.kimg:.3f}: rolling back to the checkpoint "
                                      f"at kimg {self.checkpoint_images / 1000:.3f}")
 
-    def _log_stats(self, stats: dict, alpha: float, img_per_s: float) -> dict:
+    def _log_stats(self, stats: dict, alpha: float, img_per_s: float, data_wait_share: float) -> dict:
         values = torch.stack([stats[k].float().cpu() for k in STAT_KEYS])
         dist.all_reduce(values)  # mean over ranks
         values /= self.world
         record = {"time": time.time(), "kimg": self.kimg, "step": self.step, "resolution": self.phase.resolution,
-                  "phase": self.phase.name, "alpha": alpha, "img_per_s": img_per_s, "world_size": self.world,
+                  "phase": self.phase.name, "alpha": alpha, "img_per_s": img_per_s, "data_wait_share": data_wait_share,
+                  "world_size": self.world,
                   "global_batch": self.batch * self.world, "lr": self.phase.lr,
                   **{k: float(v) for k, v in zip(STAT_KEYS, values)}}
         if not all(math.isfinite(record[k]) for k in STAT_KEYS):
