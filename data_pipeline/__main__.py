@@ -1,0 +1,89 @@
+"""python -m data_pipeline: face photos -> WebDataset shards of square face crops.
+
+    python -m data_pipeline --input PATH [--input PATH ...] --output DIR --resolution 128
+        [--shard-size N] [--nodes N | --address ADDR] [--overwrite] [--format png|jpg]
+        [--min-prob 0.95] [--margin 0.4] [--quiet]
+
+PATH: a folder (searched recursively for .jpg .jpeg .png .webp .bmp), a glob, or a .zip/.tar of
+photos. Arguments, inputs and the output folder are checked before Ray starts: a mistake costs
+one line on stderr and exit code 2. An output with a complete manifest.json is left alone unless
+--overwrite; an interrupted run is resumed by running the same command again.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from data_pipeline.config import IMAGE_FORMATS, PrepareConfig
+from data_pipeline.errors import UserError
+from data_pipeline.manifest import ensure_writable_folder, read_manifest
+from data_pipeline.sources import check_inputs_exist, list_sources
+
+PROG = "python -m data_pipeline"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(prog=PROG, description="Face photos -> WebDataset shards of square face crops.")
+    parser.add_argument("--input", action="append", required=True, metavar="PATH",
+                        help="folder (recursive), glob, or .zip/.tar of photos; repeatable")
+    parser.add_argument("--output", required=True, metavar="DIR")
+    parser.add_argument("--resolution", type=int, default=128, help="crop size, a power of two (4..1024)")
+    parser.add_argument("--shard-size", type=int, default=1000, metavar="N", help="at most N faces per shard")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--nodes", type=int, metavar="N", help="start a local N-node Ray cluster")
+    where.add_argument("--address", metavar="ADDR", help="join a running Ray cluster ('auto' to find it)")
+    parser.add_argument("--overwrite", action="store_true", help="redo a complete output")
+    parser.add_argument("--format", choices=IMAGE_FORMATS, default="png", dest="image_format")
+    parser.add_argument("--min-prob", type=float, default=0.95, help="keep faces detected at least this sure")
+    parser.add_argument("--margin", type=float, default=0.4, help="square side = face box side * (1 + margin)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.nodes is not None and args.nodes < 1:
+            raise UserError(f"--nodes must be at least 1, not {args.nodes}")
+        config = PrepareConfig(tuple(args.input), args.output, args.resolution, args.shard_size,
+                               args.image_format, args.min_prob, args.margin, args.overwrite)
+        check_inputs_exist(list(config.inputs))
+        ensure_writable_folder(config.output)
+        finished = None if config.overwrite else read_manifest(config.output)
+        if finished is not None:
+            print(f"{config.output} is already complete ({finished['counts']['faces_kept']} faces in "
+                  f"{len(finished['shards'])} shards): nothing to do (--overwrite redoes it)")
+            return 0
+        sources = list_sources(list(config.inputs))
+    except UserError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    from data_pipeline.prepare import prepare  # torch and Ray load only once the arguments are good
+    from data_pipeline.runtime import ray_session
+
+    try:
+        with ray_session(args.address, args.nodes):
+            manifest = prepare(config, sources, show_progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(summary_line(manifest, config.output, time.monotonic() - started))
+    return 0
+
+
+def summary_line(manifest: dict, output: str, seconds: float) -> str:
+    counts = manifest["counts"]
+    rejects = ", ".join(f"{name} {n}" for name, n in counts.items() if name not in ("files_seen", "faces_kept") and n)
+    return (f"kept {counts['faces_kept']} faces of {counts['files_seen']} files ({rejects or 'no rejects'}); "
+            f"{len(manifest['shards'])} shards at {manifest['resolution']}px in {output} ({seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

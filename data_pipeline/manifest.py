@@ -1,0 +1,112 @@
+"""The output folder's record: outcome reasons, manifest.json, rejects.jsonl, atomic writes.
+
+Imports nothing heavy, so the CLI can check a finished output before it loads torch or Ray.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from data_pipeline.errors import UserError
+
+MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.jsonl"
+FORMAT_VERSION = 1
+TEMP_SUFFIX = ".tmp"
+
+# What happened to one input file. Every file seen ends under exactly one of these.
+KEPT = "kept"
+NO_FACE = "no_face"
+BELOW_THRESHOLD = "below_threshold"
+UNREADABLE = "unreadable"
+NOT_AN_IMAGE = "not_an_image"
+DUPLICATE = "duplicate"
+COUNT_NAMES = {
+    KEPT: "faces_kept",
+    NO_FACE: "no_face",
+    BELOW_THRESHOLD: "below_threshold",
+    UNREADABLE: "unreadable",
+    NOT_AN_IMAGE: "not_an_image",
+    DUPLICATE: "duplicate_content",
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    source: str
+    key: str  # sha1 of the content; "" when the file could not be read
+    status: str
+    detail: str = ""
+
+
+def count_outcomes(outcomes: Iterable[Outcome]) -> dict[str, int]:
+    by_status = Counter(outcome.status for outcome in outcomes)
+    counts = {"files_seen": sum(by_status.values())}
+    counts.update({name: by_status.get(status, 0) for status, name in COUNT_NAMES.items()})
+    return counts
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary name to write; it replaces `path` only once the block finished.
+
+    A run killed half-way therefore never leaves a partial file under the final name.
+    """
+    temporary = path.with_name(path.name + TEMP_SUFFIX)
+    try:
+        yield temporary
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value: object) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def write_rejects(folder: Path, outcomes: Iterable[Outcome]) -> None:
+    rejects = sorted((outcome for outcome in outcomes if outcome.status != KEPT), key=lambda o: o.source)
+    lines = [json.dumps({"path": o.source, "reason": o.status, "detail": o.detail}) + "\n" for o in rejects]
+    with atomic_path(folder / REJECTS_NAME) as temporary:
+        temporary.write_text("".join(lines))
+
+
+def read_manifest(folder: Path | str) -> dict | None:
+    """The manifest if the folder holds a complete output (every listed shard present), else None."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+        shards_present = all(
+            (folder / shard["file"]).stat().st_size == shard["bytes"] for shard in manifest["shards"]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if manifest.get("format_version") != FORMAT_VERSION or not shards_present:
+        return None
+    return manifest
+
+
+def require_manifest(folder: Path | str) -> dict:
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise ValueError(f"{folder} holds no complete face shards (no valid {MANIFEST_NAME}); run python -m data_pipeline first")
+    return manifest
+
+
+def ensure_writable_folder(folder: str) -> None:
+    """Create the output folder if needed and prove we can write there (UserError otherwise)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = Path(folder) / f".write-test-{os.getpid()}{TEMP_SUFFIX}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to output folder {folder}: {error.strerror or error}") from None

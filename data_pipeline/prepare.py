@@ -1,0 +1,269 @@
+"""One preparation run, in two Ray Data passes.
+
+1. Read every photo once to hash it (its key) and probe its size. Empty, unreadable and
+   duplicate files are settled here, before any detector time is spent on them.
+2. Plan: the unique photos sorted by key, cut into blocks of --shard-size; block k becomes
+   shard k. Fixed plan, so the same input gives the same shards, a shard can be written as soon
+   as its block is done (nothing large is held back), and a killed run resumes block by block.
+   Each block is split into work units of photos of similar size for batched detection.
+3. Detect faces in the units on an actor pool; write each shard when its block is complete.
+4. rejects.jsonl, then manifest.json last: its presence means the output is complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+import ray
+from PIL import Image
+from tqdm import tqdm
+
+from data_pipeline.config import PrepareConfig
+from data_pipeline.faces import DETECT_BATCH, FaceDetector, FaceSettings, PhotoResult, describe
+from data_pipeline.manifest import (
+    DUPLICATE, FORMAT_VERSION, KEPT, MANIFEST_NAME, UNREADABLE, Outcome, count_outcomes,
+    read_manifest, write_json, write_rejects,
+)
+from data_pipeline.shards import Sample, ShardProgress
+from data_pipeline.sources import Source, content_key, list_sources, read_bytes
+
+HASH_BATCH = 64  # photos per hashing call
+MAX_BLOCKS = 2000  # enough blocks to spread work over many actors, few enough to stay cheap
+PACKAGES = ("torch", "facenet-pytorch", "ray", "webdataset", "pillow", "numpy")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Hashed:
+    source: Source
+    key: str
+    size: int  # bytes
+    dims: tuple[int, int]  # width, height from the header; (0, 0) when unknown
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    index: int
+    sources: tuple[Source, ...]  # in detection order: by image size, then key
+
+
+@dataclass(frozen=True)
+class Plan:
+    shards: list[ShardPlan]
+    settled: list[Outcome]  # outcomes known before detection: empty, unreadable, duplicate
+    fingerprint: str
+
+
+def prepare(config: PrepareConfig, sources: list[Source] | None = None, show_progress: bool = True) -> dict:
+    """Run (or resume) the preparation on the connected Ray cluster; returns the manifest."""
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    if not config.overwrite and (finished := read_manifest(output)) is not None:
+        return finished
+    sources = list_sources(list(config.inputs)) if sources is None else sources
+    settings = face_settings(config)
+    plan = make_plan(hash_sources(sources, show_progress), config.shard_size, run_record(config, settings))
+    progress = ShardProgress(output, plan.fingerprint, fresh=config.overwrite)
+    todo = [shard for shard in plan.shards if not progress.is_done(shard.index)]
+    with ProgressBar(len(sources), show_progress) as bar:
+        known = plan.settled + [outcome for shard in plan.shards if shard not in todo for outcome in progress.load(shard.index)[1]]
+        bar.add(len(known), kept=sum(outcome.status == KEPT for outcome in known))
+        detect_faces(todo, settings, progress, bar)
+    return finish(output, plan, progress, config, settings)
+
+
+def face_settings(config: PrepareConfig) -> FaceSettings:
+    return FaceSettings(config.resolution, config.image_format, config.min_prob, config.margin)
+
+
+def run_record(config: PrepareConfig, settings: FaceSettings) -> dict:
+    """Everything that shapes the shards' content (the inputs enter through the plan)."""
+    return {
+        "resolution": config.resolution,
+        "image_format": config.image_format,
+        "shard_size": config.shard_size,
+        "min_prob": config.min_prob,
+        "margin": config.margin,
+        "detector": settings.detector_options(),
+        "max_side": settings.max_side,
+        "versions": package_versions(),
+    }
+
+
+def package_versions() -> dict[str, str]:
+    return {"python": platform.python_version(), **{name: metadata.version(name) for name in PACKAGES}}
+
+
+def chunked(items: Sequence[T], size: int) -> list[list[T]]:
+    return [list(items[start:start + size]) for start in range(0, len(items), size)]
+
+
+def dataset_of(rows: list[dict]) -> ray.data.Dataset:
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), MAX_BLOCKS)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1: hash
+
+
+def hash_sources(sources: list[Source], show_progress: bool) -> list[Hashed]:
+    rows = [{"sources": chunk} for chunk in chunked(sources, HASH_BATCH)]
+    hashed = []
+    with tqdm(total=len(sources), desc="reading", unit="photo", disable=not show_progress) as bar:
+        for row in dataset_of(rows).map_batches(hash_batch, batch_size=1).iter_rows():
+            hashed.append(Hashed(row["source"], row["key"], row["size"], (row["width"], row["height"]), row["error"]))
+            bar.update()
+    return hashed
+
+
+def hash_batch(batch: dict) -> dict[str, list]:
+    rows = [hash_one(source) for sources in batch["sources"] for source in sources]
+    return {column: [row[column] for row in rows] for column in rows[0]}
+
+
+def hash_one(source: Source) -> dict:
+    try:
+        data = read_bytes(source)
+    except OSError as error:
+        return {"source": source, "key": "", "size": 0, "width": 0, "height": 0, "error": describe(error)}
+    width, height = probe_size(data)
+    return {"source": source, "key": content_key(data), "size": len(data), "width": width, "height": height, "error": ""}
+
+
+def probe_size(data: bytes) -> tuple[int, int]:
+    """Size from the header alone (nothing decoded); only used to batch similar photos."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception:  # not an image: the detection pass reports why
+        return 0, 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan
+
+
+def make_plan(hashed: list[Hashed], shard_size: int, record: dict) -> Plan:
+    settled, unique = settle_before_detection(hashed)
+    unique.sort(key=lambda item: item.key)
+    blocks = chunked(unique, shard_size)
+    shards = [
+        ShardPlan(index, tuple(item.source for item in sorted(block, key=lambda item: (item.dims, item.key))))
+        for index, block in enumerate(blocks)
+    ]
+    content = {"run": record, "blocks": [[(item.source.name, item.key) for item in block] for block in blocks]}
+    fingerprint = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    return Plan(shards, settled, fingerprint)
+
+
+def settle_before_detection(hashed: list[Hashed]) -> tuple[list[Outcome], list[Hashed]]:
+    """Outcomes of unreadable, empty and duplicate files, and the photos left to detect.
+    Of equal files the first by name is kept, so the choice does not depend on timing."""
+    settled, by_key = [], defaultdict(list)
+    for item in hashed:
+        if item.error:
+            settled.append(Outcome(item.source.name, "", UNREADABLE, item.error))
+        elif item.size == 0:
+            settled.append(Outcome(item.source.name, item.key, UNREADABLE, "empty file"))
+        else:
+            by_key[item.key].append(item)
+    unique = []
+    for key, items in by_key.items():
+        first, *copies = sorted(items, key=lambda item: item.source.name)
+        unique.append(first)
+        settled += [Outcome(copy.source.name, key, DUPLICATE, f"same content as {first.source.name}") for copy in copies]
+    return settled, unique
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: detect, and write each shard as soon as its block is complete
+
+
+def detect_faces(shards: list[ShardPlan], settings: FaceSettings, progress: ShardProgress, bar: ProgressBar) -> None:
+    if not shards:
+        return
+    units = [{"shard": shard.index, "sources": unit} for shard in shards for unit in chunked(shard.sources, DETECT_BATCH)]
+    results = dataset_of(units).map_batches(
+        FaceDetector, fn_constructor_kwargs={"settings": settings}, batch_size=1, **detector_resources()
+    )
+    expected = {shard.index: len(shard.sources) for shard in shards}
+    pending: dict[int, list[PhotoResult]] = defaultdict(list)
+    for row in results.iter_rows():
+        index = row.pop("shard")
+        result = PhotoResult(**row)
+        bar.add(1, kept=int(result.status == KEPT))
+        pending[index].append(result)
+        if len(pending[index]) == expected[index]:
+            finish_shard(progress, index, pending.pop(index), settings.image_format)
+
+
+def detector_resources() -> dict:
+    """One detector per GPU when the cluster has GPUs, else one single-threaded detector per
+    CPU: MTCNN's small convolutions use processes better than threads."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        return {"num_gpus": 1, "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=gpus)}
+    cpus = max(1, int(resources.get("CPU", 1)))
+    return {"num_cpus": 1, "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=cpus)}
+
+
+def finish_shard(progress: ShardProgress, index: int, results: list[PhotoResult], image_format: str) -> None:
+    samples = [Sample(result.key, result.image, result.meta) for result in results if result.status == KEPT]
+    outcomes = [Outcome(result.source, result.key, result.status, result.detail) for result in results]
+    progress.finish_shard(index, samples, outcomes, image_format)
+
+
+class ProgressBar:
+    """Photos done, faces kept, rejects and throughput on one line."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = tqdm(total=total, desc="faces", unit="photo", disable=not enabled, dynamic_ncols=True)
+        self.kept = 0
+
+    def add(self, photos: int, kept: int) -> None:
+        self.kept += kept
+        self.bar.update(photos)
+        self.bar.set_postfix(kept=self.kept, rejected=self.bar.n - self.kept, refresh=False)
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finish
+
+
+def finish(output: Path, plan: Plan, progress: ShardProgress, config: PrepareConfig, settings: FaceSettings) -> dict:
+    outcomes, shards = list(plan.settled), []
+    for shard in plan.shards:
+        done = progress.load(shard.index)
+        if done is None:
+            raise RuntimeError(f"block {shard.index} was not processed; rerun to complete the output")
+        info, shard_outcomes = done
+        outcomes += shard_outcomes
+        if info is not None:
+            shards.append(asdict(info))
+    write_rejects(output, outcomes)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "resolution": config.resolution,
+        "image_format": config.image_format,
+        "counts": count_outcomes(outcomes),
+        "shards": shards,
+        "config": {"inputs": list(config.inputs), **run_record(config, settings)},
+    }
+    write_json(output / MANIFEST_NAME, manifest)
+    progress.remove()
+    return manifest

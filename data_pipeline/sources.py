@@ -1,0 +1,162 @@
+"""Inputs (folders, globs, .zip/.tar archives) -> a sorted list of photo sources, and their bytes.
+
+Listing runs in the driver before Ray starts and touches only names and archive indexes, so a
+missing or empty input fails in a second. Reading bytes happens later, inside Ray Data tasks, so
+every node must see the inputs at the same path (a shared file system on a real cluster).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import tarfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_pipeline.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+ARCHIVE_SUFFIXES = (".zip", ".tar")
+GLOB_CHARACTERS = "*?["
+# A photo file above this size is rejected unread: it bounds the memory of one read (and of a
+# zip member that claims a huge uncompressed size).
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, order=True)
+class Source:
+    """One photo: a plain file, or a member of an archive."""
+
+    name: str  # unique and stable, shown to the user: a path or "archive.zip!/member"
+    path: str  # the file to open
+    member: str = ""  # archive member name; "" for a plain file
+    offset: int = -1  # tar members: where the data starts, for a read without scanning the tar
+    length: int = -1  # tar members: the data size
+
+
+class FileTooLarge(OSError):
+    pass
+
+
+def has_suffix(name: str, suffixes: tuple[str, ...]) -> bool:
+    return name.lower().endswith(suffixes)
+
+
+def check_inputs_exist(inputs: list[str]) -> None:
+    """Raise UserError for an input that names nothing (cheap: no folder is walked)."""
+    for spec in inputs:
+        expand_input(spec)
+
+
+def list_sources(inputs: list[str]) -> list[Source]:
+    """All photos under the inputs, each once, sorted by name (the order is part of the output)."""
+    by_name: dict[str, Source] = {}
+    for spec in inputs:
+        found = [source for path in expand_input(spec) for source in sources_in(path, spec)]
+        if not found:
+            raise UserError(f"no photos ({' '.join(IMAGE_SUFFIXES)}) found in {spec}")
+        by_name.update((source.name, source) for source in found)
+    return sorted(by_name.values())
+
+
+def expand_input(spec: str) -> list[str]:
+    if any(character in spec for character in GLOB_CHARACTERS):
+        matches = sorted(glob.glob(spec, recursive=True))
+        if not matches:
+            raise UserError(f"no files match {spec}")
+        return [os.path.abspath(match) for match in matches]
+    if not os.path.exists(spec):
+        raise UserError(f"input {spec} does not exist")
+    return [os.path.abspath(spec)]
+
+
+def sources_in(path: str, spec: str) -> list[Source]:
+    if os.path.isdir(path):
+        return [Source(name=file, path=file) for file in image_files_under(path)]
+    if has_suffix(path, ARCHIVE_SUFFIXES):
+        return archive_members(path, spec)
+    if has_suffix(path, IMAGE_SUFFIXES):
+        return [Source(name=path, path=path)]
+    return []
+
+
+def image_files_under(folder: str) -> list[str]:
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        files.extend(os.path.join(root, name) for name in sorted(names) if has_suffix(name, IMAGE_SUFFIXES))
+    return files
+
+
+def archive_members(path: str, spec: str) -> list[Source]:
+    try:
+        if has_suffix(path, (".zip",)):
+            return zip_members(path)
+        return tar_members(path)
+    except (OSError, zipfile.BadZipFile, tarfile.TarError) as error:
+        raise UserError(f"cannot read archive {spec}: {error}") from None
+
+
+def zip_members(path: str) -> list[Source]:
+    with zipfile.ZipFile(path) as archive:
+        return [
+            Source(name=f"{path}!/{info.filename}", path=path, member=info.filename)
+            for info in archive.infolist()
+            if not info.is_dir() and has_suffix(info.filename, IMAGE_SUFFIXES)
+        ]
+
+
+def tar_members(path: str) -> list[Source]:
+    # Mode "r:" (no compression) on purpose: only a plain tar lets a task seek to one member.
+    with tarfile.open(path, "r:") as archive:
+        return [
+            Source(name=f"{path}!/{info.name}", path=path, member=info.name, offset=info.offset_data, length=info.size)
+            for info in archive.getmembers()
+            if info.isfile() and has_suffix(info.name, IMAGE_SUFFIXES)
+        ]
+
+
+def content_key(data: bytes) -> str:
+    """A sample's key: stable across runs, renames and folders, and equal for equal files."""
+    return hashlib.sha1(data).hexdigest()
+
+
+def read_bytes(source: Source) -> bytes:
+    """The source's content; OSError (FileTooLarge included) when it cannot be read."""
+    if not source.member:
+        return read_file(source.path)
+    if source.offset >= 0:
+        return read_range(source.path, source.offset, source.length)
+    return read_zip_member(source.path, source.member)
+
+
+def read_file(path: str) -> bytes:
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise FileTooLarge(f"file is larger than {MAX_FILE_BYTES} bytes ({size})")
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def read_range(path: str, offset: int, length: int) -> bytes:
+    if length > MAX_FILE_BYTES:
+        raise FileTooLarge(f"archive member is larger than {MAX_FILE_BYTES} bytes ({length})")
+    with open(path, "rb") as file:
+        file.seek(offset)
+        data = file.read(length)
+    if len(data) != length:
+        raise OSError(f"archive member is cut short ({len(data)} of {length} bytes)")
+    return data
+
+
+def read_zip_member(path: str, member: str) -> bytes:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(member)
+            if info.file_size > MAX_FILE_BYTES:
+                raise FileTooLarge(f"archive member is larger than {MAX_FILE_BYTES} bytes ({info.file_size})")
+            return archive.read(info)
+    except (zipfile.BadZipFile, zlib.error, KeyError, EOFError, ValueError, NotImplementedError) as error:
+        raise OSError(f"cannot read zip member: {error}") from error
