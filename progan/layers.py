@@ -23,7 +23,14 @@ class EqualizedConv2d(nn.Module):
         self.padding = kernel_size // 2 if padding is None else padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+        weight = self.weight * self.scale
+        k = weight.shape[-1]
+        if self.padding == 0 and k > 1 and x.shape[-2:] == (k, k):
+            # a k x k convolution over a k x k map without padding (the critic's 4x4 conv) is a
+            # dense layer over the flattened map: one GEMM, also in the penalty's double backward,
+            # where the convolution kernels are slow for a 1x1 output
+            return F.linear(x.flatten(1), weight.flatten(1), self.bias)[:, :, None, None]
+        return F.conv2d(x, weight, self.bias, padding=self.padding)
 
     def extra_repr(self) -> str:
         o, i, k, _ = self.weight.shape
