@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,7 +85,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
 def check_data(cfg: Config) -> tuple[Path, bool]:
     """(path, is_shards): a shards folder is used as is, a folder of photos goes through the pipeline."""
     from data_pipeline.loader import stored_resolution
-    from data_pipeline.sources import IMAGE_EXTENSIONS
+    from data_pipeline.sources import IMAGE_SUFFIXES
 
     path = Path(cfg.data.path)
     if not path.is_dir():
@@ -97,8 +99,8 @@ def check_data(cfg: Config) -> tuple[Path, bool]:
             raise UsageError(f"--data {path}: shards hold {stored}x{stored} images but model.max_resolution is "
                              f"{cfg.model.max_resolution}; make shards at >= {cfg.model.max_resolution} or lower it")
         return path, True
-    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*") if p.is_file()):
-        raise UsageError(f"--data {path}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
+        raise UsageError(f"--data {path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     return path, False
 
 
@@ -121,16 +123,27 @@ def ray_cluster(cfg: Config, dashboard_port: int):
 
 
 def prepare_shards(cfg: Config, photos: Path, run_dir: Path) -> Path:
-    """Raw photos -> shards in the run's data folder, at the model's final resolution."""
-    from data_pipeline.__main__ import main as data_pipeline_main
+    """Raw photos -> shards at the model's final resolution, by the data pipeline's own command on
+    this cluster. The shards go to a cache folder named by the photos' listing and the resolution
+    (the pipeline leaves complete output alone, so a second run with the same photos starts at
+    once); the run's `data` folder links to them."""
+    import ray
 
-    out = run_dir / "data"
-    print(f"[launch] preparing face shards from {photos} -> {out}", flush=True)
-    status = data_pipeline_main(["--input", str(photos), "--output", str(out),
-                                 "--resolution", str(cfg.model.max_resolution), "--address", "auto"])
+    listing = sorted((str(p.relative_to(photos)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in photos.rglob("*") if p.is_file())
+    key = hashlib.sha1(json.dumps([str(photos.resolve()), cfg.model.max_resolution, listing]).encode()).hexdigest()[:16]
+    cache = Path(cfg.checkpoint.run_root).resolve() / ".shards" / f"{photos.name}-{cfg.model.max_resolution}-{key}"
+    print(f"[launch] face shards from {photos} -> {cache}", flush=True)
+    address = ray.get_runtime_context().gcs_address
+    status = subprocess.run([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", str(cache),
+                             "--resolution", str(cfg.model.max_resolution), "--address", address],
+                            cwd=Path(__file__).resolve().parent).returncode
     if status:
         raise UsageError(f"the data pipeline stopped (exit status {status}) on {photos}")
-    return out
+    link = run_dir / "data"
+    if not link.is_symlink():
+        link.symlink_to(cache, target_is_directory=True)
+    return cache
 
 
 def train(cfg: Config, run_dir: Path, shards: Path, train_slot: bool) -> dict:
@@ -166,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         if dashboard_url:
             print(f"[launch] Ray dashboard: {dashboard_url}", flush=True)
         print(f"[launch] Ray ready after {time.time() - started:.1f} s", flush=True)
-        shards = data_path if is_shards else prepare_shards(cfg, data_path, run_dir)
+        try:
+            shards = data_path if is_shards else prepare_shards(cfg, data_path, run_dir)
+        except UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         metrics = train(cfg, run_dir, shards, train_slot=local)
     grids = sorted((run_dir / "samples").glob("*.png"), key=os.path.getmtime)
     print(f"[launch] done: {json.dumps({k: v for k, v in metrics.items() if k != 'sample_grid'})}")
