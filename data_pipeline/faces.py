@@ -23,6 +23,7 @@ DETECT_BATCH = 32
 # Cap on the pixels of one detect() call: MTCNN's first stage holds the whole image pyramid of
 # the batch in memory at once.
 MAX_BATCH_PIXELS = 16_000_000
+TIE = 0.001  # face probabilities closer than this count as equal
 LANCZOS = Image.Resampling.LANCZOS
 EXIF_ORIENTATION = 0x0112
 TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
@@ -230,8 +231,10 @@ def pick_face(detection: Detection, min_prob: float) -> Face:
     if len(detection.probs) == 0:
         raise Rejected(NO_FACE, detection.error or "no face found")
     sides = np.maximum(detection.boxes[:, 2] - detection.boxes[:, 0], detection.boxes[:, 3] - detection.boxes[:, 1])
-    # Several faces often all score 0.999+: break such near-ties by size (a sharper crop).
-    best = max(range(len(sides)), key=lambda index: (round(detection.probs[index], 3), sides[index]))
+    # Several faces often all score 0.999+: among those within TIE of the best, take the
+    # largest (the sharpest crop) rather than whichever the last digits favour.
+    tied = detection.probs >= detection.probs.max() - TIE
+    best = int(np.argmax(np.where(tied, sides, -1)))
     prob = float(detection.probs[best])
     if prob < min_prob:
         raise Rejected(BELOW_THRESHOLD, f"best face probability {prob:.3f} < {min_prob}")
