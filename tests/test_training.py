@@ -109,7 +109,7 @@ def critic_and_generator_grads(config: dict) -> None:
 
 
 def test_two_workers_with_half_the_batch_match_one_worker(cluster, shards, tmp_path):
-    reals = next(read_shards(str(shards)).iter_torch_batches(batch_size=8))["image"]
+    reals = next(iter(read_shards(str(shards)).iter_torch_batches(batch_size=8)))["image"]
     reals = torch.nn.functional.avg_pool2d(reals.permute(0, 3, 1, 2).float() / 127.5 - 1, 2)
     torch.manual_seed(3)
     torch.save({"reals": reals, "z": torch.randn(8, 16), "mix": torch.rand(8, 1, 1, 1)}, tmp_path / "data.pt")
