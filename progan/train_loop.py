@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -110,6 +111,7 @@ class _Trainer:
         self.opt_g = self.opt_d = None
         self.saved_optimizers: dict | None = None
         self._restore()
+        self._log_workers()
         self.next_checkpoint = self._next_checkpoint_after(self.images_seen)
 
     # ---------------------------------------------------------------- state
@@ -138,6 +140,13 @@ class _Trainer:
             torch.manual_seed(self.cfg.data.seed * 1000 + 1 + self.rank + self.images_seen)
         self.log.event("resume", world_size=self.world, kimg=self.images_seen / 1000,
                        previous_world_size=len(rng))
+
+    def _log_workers(self) -> None:
+        """Which process on which node holds each rank, in the event log (for operators and tests)."""
+        me = {"rank": self.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        workers = [None] * self.world
+        dist.all_gather_object(workers, me)
+        self.log.event("workers", world_size=self.world, workers=workers)
 
     def _check_repeated_rollbacks(self) -> None:
         """Rolling back to the same checkpoint again and again would loop forever: after

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-from ray.util.state import list_actors
 
 from data_pipeline.loader import read_shards
 from progan.trainer import build_trainer
@@ -56,18 +55,13 @@ class Run:
         return self.result
 
 
-def training_worker_pids() -> list[int]:
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    return [a.pid for a in actors]
-
-
 def test_killed_worker_restarts_from_checkpoint_and_completes(cluster, shards, tmp_path):
     cfg = tiny_config("cluster.max_failures=3", "cluster.min_workers=1", "schedule.total_kimg=1.28")
     run = Run(cfg, tmp_path / "run", shards, workers=3)
     run.wait_for(lambda e: e["event"] == "checkpoint" and e["kimg"] >= 0.19)  # mid fade-in to 8x8
-    pids = training_worker_pids()
-    assert len(pids) == 3
-    os.kill(pids[-1], signal.SIGKILL)
+    workers = [e for e in run.events() if e["event"] == "workers"][-1]["workers"]
+    assert len(workers) == 3
+    os.kill(workers[-1]["pid"], signal.SIGKILL)
     result = run.join()
     events = run.events()
     resumes = [e for e in events if e["event"] == "resume"]
