@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from progan.checkpoint import CheckpointError, load_checkpoint
 from progan.config import Config, ConfigError, load_config, save_config
+
+STOP_FILE = "STOP"  # progan.train_loop.STOP_FILE (not imported: that module loads Ray and torch)
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -41,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="elastic: fewest workers to keep training with (default 1; equal to --nodes for a fixed size)")
     p.add_argument("--max-nodes", type=int, default=None, help="elastic: most workers to grow back to")
     p.add_argument("--dashboard-port", type=int, default=8265)
+    p.add_argument("--prometheus", action=argparse.BooleanOptionalAction, default=None,
+                   help="a local Prometheus on 127.0.0.1 for the run (default: on when `prometheus` is on PATH)")
+    p.add_argument("--prometheus-port", type=int, default=None, help="default: a free port")
     return p.parse_args(argv)
 
 
@@ -146,6 +152,31 @@ def prepare_shards(cfg: Config, photos: Path, run_dir: Path) -> Path:
     return cache
 
 
+@contextlib.contextmanager
+def prometheus(cfg: Config, args: argparse.Namespace, run_dir: Path):
+    """The launcher's own gauges and, if wanted, a Prometheus scraping every node of this cluster.
+    Metrics never stop a run: whatever fails here logs one line and training goes on."""
+    from monitoring.metrics import LauncherMetrics
+    from monitoring.prometheus import current_session_dir, start_prometheus
+
+    workers = cfg.cluster.workers or cfg.cluster.nodes
+    launcher = LauncherMetrics(run_dir.name, max_workers=workers, min_workers=cfg.cluster.min_workers or None)
+    wanted = args.prometheus if args.prometheus is not None else (
+        cfg.monitoring.prometheus == "true" or (cfg.monitoring.prometheus == "auto" and shutil.which("prometheus")))
+    server = None
+    if wanted:
+        server = start_prometheus(args.prometheus_port, current_session_dir(), run_dir / "prometheus",
+                                  extra_targets=[launcher.address] if launcher.address else [])
+        if server:
+            print(f"[launch] Prometheus: {server.url} (Grafana: monitoring/README.md)", flush=True)
+    try:
+        yield server
+    finally:
+        if server:
+            server.stop()
+        launcher.stop()
+
+
 def train(cfg: Config, run_dir: Path, shards: Path, train_slot: bool) -> dict:
     from data_pipeline.loader import read_shards
     from progan.trainer import build_trainer
@@ -172,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the attempt it stopped
     save_config(cfg, run_dir / "config.yaml")
     print(f"[launch] run folder: {run_dir}", flush=True)
     started = time.time()
@@ -184,11 +216,19 @@ def main(argv: list[str] | None = None) -> int:
         except UsageError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        metrics = train(cfg, run_dir, shards, train_slot=local)
+        with prometheus(cfg, args, run_dir):
+            metrics = train(cfg, run_dir, shards, train_slot=local)
     grids = sorted((run_dir / "samples").glob("*.png"), key=os.path.getmtime)
     print(f"[launch] done: {json.dumps({k: v for k, v in metrics.items() if k != 'sample_grid'})}")
     if grids:
         print(f"[launch] final sample grid: {grids[-1]}")
+    events = run_dir / "events.jsonl"
+    stops = [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []
+    stops = [e for e in stops if e["event"] == "stopped"]
+    if stops:
+        print(f"[launch] the run stopped early: {stops[-1]['reason']}; continue it with --resume {run_dir}",
+              file=sys.stderr)
+        return 1 if "non-finite" in stops[-1]["reason"] else 0
     return 0
 
 

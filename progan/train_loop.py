@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data_pipeline.loader import iterate_batches
+from monitoring.metrics import AllReduceTimer, TrainingMetrics
 from progan.checkpoint import load_checkpoint, save_checkpoint
 from progan.config import Config, config_from_dict
 from progan.ema import ema_beta, make_ema, update_ema
@@ -32,6 +33,7 @@ from progan.schedule import Phase, build_phases, phase_at, worker_batch
 from progan.training_step import fade_reals, make_optimizer, train_step
 
 STAT_KEYS = ("loss_d", "loss_g", "grad_penalty", "score_real", "score_fake")
+STOP_FILE = "STOP"  # `touch RUN_DIR/STOP`: the run saves a checkpoint and ends cleanly
 
 
 def build_networks(cfg: Config) -> tuple[Generator, Discriminator]:
@@ -42,7 +44,8 @@ def build_networks(cfg: Config) -> tuple[Generator, Discriminator]:
     return G, D
 
 
-def wrap_for_phase(G, D, resolution: int, fading: bool, device: torch.device) -> tuple[DDP, DDP]:
+def wrap_for_phase(G, D, resolution: int, fading: bool, device: torch.device,
+                   comm_hook=None) -> tuple[DDP, DDP]:
     """Freezes the layers this phase does not use and wraps both networks in a new DDP:
     fade-in and stable phases use different parameter sets, and DDP with
     find_unused_parameters=False (and never static_graph, which lets ranks drift under the
@@ -50,7 +53,11 @@ def wrap_for_phase(G, D, resolution: int, fading: bool, device: torch.device) ->
     set_trainable(G, resolution, fading)
     set_trainable(D, resolution, fading)
     device_ids = [device.index] if device.type == "cuda" else None
-    return DDP(G, device_ids=device_ids), DDP(D, device_ids=device_ids)  # the models have no buffers
+    wrapped = DDP(G, device_ids=device_ids), DDP(D, device_ids=device_ids)  # the models have no buffers
+    if comm_hook is not None:
+        for ddp in wrapped:
+            ddp.register_comm_hook(None, comm_hook)
+    return wrapped
 
 
 def weights_digest(*modules: torch.nn.Module) -> str:
@@ -98,6 +105,8 @@ class _Trainer:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.log = _RunLog(self.run_dir, self.rank == 0)
+        self.metrics = TrainingMetrics(run=self.run_dir.name, rank=self.rank, node="")
+        self.allreduce_timer = AllReduceTimer()
         self.phases = build_phases(self.cfg)
         self.total_images = round(self.phases[-1].end_kimg * 1000)
         self.G, self.D = build_networks(self.cfg)
@@ -119,11 +128,13 @@ class _Trainer:
     def _restore(self) -> None:
         checkpoint = ray.train.get_checkpoint()
         self.resumed, self.stopped, self.checkpoint_images = checkpoint is not None, False, 0
+        self.stop_requested = False
         if checkpoint is None:
             torch.manual_seed(self.cfg.data.seed * 1000 + 1 + self.rank)
             self.log.event("start", world_size=self.world, kimg=0.0)
             self._check_repeated_rollbacks()
             return
+        self.metrics.count_restart()
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory, model_args(self.cfg))
         self.G.load_state_dict(state["generator"])
@@ -191,7 +202,8 @@ class _Trainer:
         first = self.phase is None
         self.phase = phase
         self.G_ddp = self.D_ddp = None  # drop the previous phase's wrappers before making new ones
-        self.G_ddp, self.D_ddp = wrap_for_phase(self.G, self.D, phase.resolution, phase.fading, self.device)
+        self.G_ddp, self.D_ddp = wrap_for_phase(self.G, self.D, phase.resolution, phase.fading, self.device,
+                                                comm_hook=self.allreduce_timer.hook)
         o = self.cfg.optimizer
         if first or self.cfg.schedule.reset_optimizer_on_fade:
             # the official code resets Adam whenever the level of detail starts or stops changing
@@ -216,7 +228,7 @@ class _Trainer:
         if self.stopped:
             return
         self._reset_window()
-        while self.images_seen < self.total_images:
+        while self.images_seen < self.total_images and not self.stopped:
             phase = phase_at(self.phases, self.kimg)
             if self.phase is None or phase.index != self.phase.index:
                 self._enter_phase(phase)
@@ -231,10 +243,13 @@ class _Trainer:
             batches += 1
             self._train_one_step(phase, reals, data_wait=time.perf_counter() - waiting_since)
             phase_done = self.images_seen >= round(phase.end_kimg * 1000)
-            if phase_done or self.images_seen >= self.next_checkpoint:
+            if phase_done or self.stop_requested or self.images_seen >= self.next_checkpoint:
                 self._checkpoint(1.0 if phase_done else phase.alpha(self.kimg))
                 self._after_checkpoint()
-            if phase_done:
+            if self.stop_requested:
+                self.stopped = True
+                self.log.event("stopped", reason=f"{STOP_FILE} file in the run folder", kimg=self.kimg)
+            if phase_done or self.stopped:
                 return
             waiting_since = time.perf_counter()
         self.epoch += 1
@@ -253,7 +268,9 @@ class _Trainer:
         update_ema(self.G_ema, self.G, ema_beta(images, o.ema_beta, o.ema_half_life_kimg))
         self.images_seen += images
         self.step += 1
-        self.step_seconds, self.data_wait_seconds = time.perf_counter() - started, data_wait
+        self.metrics.observe_step(self.batch, time.perf_counter() - started + data_wait, data_wait,
+                                  backward_seconds=stats["backward_seconds"],
+                                  allreduce_seconds=self.allreduce_timer.take())
         self.window_images += images
         self.window_wait += data_wait
         if self.step % self.cfg.monitoring.log_every_steps == 0:
@@ -276,14 +293,19 @@ class _Trainer:
         bad = torch.tensor([0.0 if torch.isfinite(losses).all() else 1.0])
         dist.all_reduce(bad)
         if bad.item() > 0:
+            self.metrics.count_rollback()
             self.log.event("nan_rollback", kimg=self.kimg, checkpoint_kimg=self.checkpoint_images / 1000)
             raise FloatingPointError(f"non-finite loss at kimg {self.kimg:.3f}: rolling back to the checkpoint "
                                      f"at kimg {self.checkpoint_images / 1000:.3f}")
 
     def _log_stats(self, stats: dict, alpha: float, img_per_s: float, data_wait_share: float) -> dict:
-        values = torch.stack([stats[k].float().cpu() for k in STAT_KEYS])
-        dist.all_reduce(values)  # mean over ranks
+        """Averages the stats over ranks; the same all-reduce carries rank 0's view of the STOP file,
+        so every rank learns of a stop request at the same step."""
+        stop = float(self.rank == 0 and (self.run_dir / STOP_FILE).exists())
+        values = torch.stack([stats[k].float().cpu() for k in STAT_KEYS] + [torch.tensor(stop * self.world)])
+        dist.all_reduce(values)
         values /= self.world
+        self.stop_requested = bool(values[-1] > 0)
         record = {"time": time.time(), "kimg": self.kimg, "step": self.step, "resolution": self.phase.resolution,
                   "phase": self.phase.name, "alpha": alpha, "img_per_s": img_per_s, "data_wait_share": data_wait_share,
                   "world_size": self.world,
@@ -293,6 +315,7 @@ class _Trainer:
             record["nonfinite"] = True
         self.log.append("stats.jsonl", record)
         self.log.progress(record)
+        self.metrics.observe_stats(record)
         return record
 
     def _checkpoint(self, alpha: float) -> None:
@@ -317,14 +340,16 @@ class _Trainer:
         sample = write_sample_grid(self.G_ema, self.sample_latents, self.phase.resolution, alpha,
                                    self.run_dir / "samples" / sample_name(self.phase.resolution, self.images_seen))
         metrics["sample_grid"] = str(sample)
+        started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(self._state(rng_states), tmp)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        self.metrics.observe_checkpoint(time.perf_counter() - started)
         self.log.event("checkpoint", kimg=self.kimg, sample_grid=str(sample))
 
     def _after_checkpoint(self) -> None:
         fail_after = self.test_hooks.get("fail_after_kimg")
-        if fail_after is not None and self.kimg >= fail_after:
+        if fail_after is not None and not self.resumed and self.kimg >= fail_after:
             raise RuntimeError(f"test hook: injected failure after the checkpoint at kimg {self.kimg:.3f}")
 
 

@@ -5,6 +5,7 @@ bare modules alike. The benchmark times exactly this function.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 from torch import nn
@@ -40,7 +41,9 @@ def critic_step(G, D, opt_d: torch.optim.Optimizer, loss, reals: torch.Tensor, r
         fakes = G(z, resolution, alpha)
     opt_d.zero_grad(set_to_none=True)
     d_loss, stats = loss.critic_loss(lambda x: D(x, resolution, alpha), reals, fakes)
+    started = time.perf_counter()
     d_loss.backward()
+    stats["backward_seconds"] = time.perf_counter() - started  # host time, with DDP's all-reduces
     opt_d.step()
     return stats
 
@@ -53,7 +56,9 @@ def generator_step(G, D_module: nn.Module, opt_g: torch.optim.Optimizer, loss, b
     opt_g.zero_grad(set_to_none=True)
     with frozen(D_module):
         g_loss, stats = loss.generator_loss(lambda x: D_module(x, resolution, alpha), G(z, resolution, alpha))
+        started = time.perf_counter()
         g_loss.backward()
+        stats["backward_seconds"] = time.perf_counter() - started
     opt_g.step()
     return stats
 
@@ -62,8 +67,9 @@ def train_step(G, D, D_module: nn.Module, opt_g, opt_d, loss, reals: torch.Tenso
                alpha: float, latent_size: int) -> dict:
     """Critic step on `reals` (already faded), then a generator step on as many latents."""
     stats = critic_step(G, D, opt_d, loss, reals, resolution, alpha, latent_size)
-    stats.update(generator_step(G, D_module, opt_g, loss, reals.shape[0], resolution, alpha,
-                                latent_size, reals.device))
+    g_stats = generator_step(G, D_module, opt_g, loss, reals.shape[0], resolution, alpha, latent_size, reals.device)
+    stats["backward_seconds"] += g_stats.pop("backward_seconds")
+    stats.update(g_stats)
     return stats
 
 
