@@ -24,9 +24,11 @@ import os
 import statistics
 import time
 
-import torch
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray's import: loopback only
 
-from data_pipeline.loader import iterate_batches, read_shards, stored_resolution
+import torch  # noqa: E402
+
+from data_pipeline.loader import iterate_batches, read_shards, stored_resolution  # noqa: E402
 
 SHUFFLE_BUFFER = 256
 

@@ -12,6 +12,7 @@ one line on stderr and exit code 2. An output with a complete manifest.json is l
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     started = time.monotonic()
+    if args.address is None:
+        # The nodes we start stay on 127.0.0.1; Ray reads this when first imported, just below.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from data_pipeline.prepare import prepare  # torch and Ray load only once the arguments are good
     from data_pipeline.runtime import ray_session
 

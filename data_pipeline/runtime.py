@@ -6,10 +6,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-# Every node this process starts stays on 127.0.0.1 (see shared/notes/ray-2.60-facts.md).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-import ray  # noqa: E402  (after the environment above)
+import ray
 
 
 def available_cpus() -> int:
@@ -19,7 +16,11 @@ def available_cpus() -> int:
 @contextmanager
 def ray_session(address: str | None = None, nodes: int | None = None) -> Iterator[None]:
     """Join `address` ("auto": the running cluster), or start `nodes` local nodes sharing this
-    machine's CPUs, or (neither) one local instance without a dashboard."""
+    machine's CPUs, or (neither) one local instance without a dashboard.
+
+    Nodes started here stay on 127.0.0.1 only if RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was in the
+    environment when Ray was first imported (Ray reads it then), so callers set it before that.
+    """
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     cluster = None
     if address:

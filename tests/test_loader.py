@@ -61,6 +61,21 @@ def shard_dir(tmp_path_factory, faces_dir) -> Path:
     return folder
 
 
+def test_jpeg_shards_read_the_same_way(ray_instance, faces_dir, tmp_path):
+    photos = sorted((faces_dir / "aligned").glob("*.jpg"))[:3]
+    jpegs = [Image.open(io.BytesIO(square_photo(path, STORED))) for path in photos]
+    samples = []
+    for index, image in enumerate(jpegs):
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=95)
+        samples.append(Sample(f"{index:040d}", buffer.getvalue(), "{}"))
+    shard = write_shard(tmp_path / shard_name(0), samples, "jpg")
+    write_json(tmp_path / MANIFEST_NAME, {"format_version": FORMAT_VERSION, "resolution": STORED,
+                                          "image_format": "jpg", "shards": [asdict(shard)]})
+    rows = read_shards(str(tmp_path)).take_all()
+    assert len(rows) == 3 and all(row["image"].shape == (STORED, STORED, 3) for row in rows)
+
+
 def fingerprints(batch: torch.Tensor) -> list[str]:
     return [hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in batch]
 
