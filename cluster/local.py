@@ -40,7 +40,8 @@ class LocalCluster:
 
     def start(self) -> "LocalCluster":
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs in the dashboard
+        if self.include_dashboard:
+            os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs in the dashboard
         import ray
         from ray.cluster_utils import Cluster
 
