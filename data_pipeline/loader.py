@@ -25,8 +25,13 @@ from data_pipeline.manifest import require_manifest
 IMAGE_COLUMN = "image"
 
 
-def read_shards(shard_dir: str) -> ray.data.Dataset:
+def read_shards(shard_dir: str, min_epoch_images: int = 0) -> ray.data.Dataset:
     """The faces as a dataset with one column, "image": uint8 HxWx3 at the stored resolution.
+
+    With `min_epoch_images`, a small dataset lists its shards several times so that one pass
+    holds at least that many images: every pass restarts Ray Data's streaming split (about half
+    a second), which would dominate training on a few hundred photos. Training counts images
+    seen, not epochs, so a longer pass changes nothing else.
 
     Raises ValueError when shard_dir holds no complete manifest.json.
     """
@@ -35,6 +40,8 @@ def read_shards(shard_dir: str) -> ray.data.Dataset:
     paths = [str(Path(shard_dir) / shard["file"]) for shard in manifest["shards"]]
     if not paths:
         raise ValueError(f"{shard_dir} holds no faces (its manifest lists no shards)")
+    images = sum(shard["samples"] for shard in manifest["shards"])
+    paths *= max(1, -(-min_epoch_images // max(images, 1)))
     dataset = ray.data.read_webdataset(paths, suffixes=[image_format])
     # Only the image: the string columns (__key__, __url__) break iter_torch_batches.
     return dataset.select_columns([image_format]).rename_columns({image_format: IMAGE_COLUMN})

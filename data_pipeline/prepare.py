@@ -74,10 +74,15 @@ def prepare(config: PrepareConfig, sources: list[Source] | None = None, show_pro
     progress = ShardProgress(output, plan.fingerprint, fresh=config.overwrite)
     todo = [shard for shard in plan.shards if not progress.is_done(shard.index)]
     with ProgressBar(len(sources), show_progress) as bar:
-        known = plan.settled + [outcome for shard in plan.shards if shard not in todo for outcome in progress.load(shard.index)[1]]
-        bar.add(len(known), kept=sum(outcome.status == KEPT for outcome in known))
+        bar.add([outcome.status for outcome in known_outcomes(plan, progress)])
         detect_faces(todo, settings, progress, bar)
     return finish(output, plan, progress, config, settings)
+
+
+def known_outcomes(plan: Plan, progress: ShardProgress) -> list[Outcome]:
+    """Outcomes settled before detection, and those of shards an earlier run finished."""
+    resumed = (progress.load(shard.index) for shard in plan.shards)
+    return plan.settled + [outcome for done in resumed if done is not None for outcome in done[1]]
 
 
 def face_settings(config: PrepareConfig) -> FaceSettings:
@@ -199,15 +204,15 @@ def detect_faces(shards: list[ShardPlan], settings: FaceSettings, progress: Shar
     for row in results.iter_rows():
         index = row.pop("shard")
         result = PhotoResult(**row)
-        bar.add(1, kept=int(result.status == KEPT))
+        bar.add([result.status])
         pending[index].append(result)
         if len(pending[index]) == expected[index]:
             finish_shard(progress, index, pending.pop(index), settings.image_format)
 
 
 def detector_resources() -> dict:
-    """One detector per GPU when the cluster has GPUs, else one single-threaded detector per
-    CPU: MTCNN's small convolutions use processes better than threads."""
+    """One detector per GPU when the cluster has GPUs, else one per CPU, each single-threaded
+    (Ray sets OMP_NUM_THREADS to the actor's one CPU), as bench/mtcnn.py measures it."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if gpus:
@@ -229,9 +234,9 @@ class ProgressBar:
         self.bar = tqdm(total=total, desc="faces", unit="photo", disable=not enabled, dynamic_ncols=True)
         self.kept = 0
 
-    def add(self, photos: int, kept: int) -> None:
-        self.kept += kept
-        self.bar.update(photos)
+    def add(self, statuses: list[str]) -> None:
+        self.kept += statuses.count(KEPT)
+        self.bar.update(len(statuses))
         self.bar.set_postfix(kept=self.kept, rejected=self.bar.n - self.kept, refresh=False)
 
     def __enter__(self) -> ProgressBar:

@@ -13,7 +13,6 @@ import tarfile
 import zipfile
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 from data_pipeline.errors import UserError
 

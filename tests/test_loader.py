@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import ray
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from data_pipeline.loader import count_images, iterate_batches, read_shards, stored_resolution, to_training_range
