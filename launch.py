@@ -181,7 +181,8 @@ def train(cfg: Config, run_dir: Path, shards: Path, train_slot: bool) -> dict:
     from data_pipeline.loader import read_shards
     from progan.trainer import build_trainer
 
-    trainer = build_trainer(cfg, run_dir, read_shards(str(shards)), cfg.cluster.workers or cfg.cluster.nodes,
+    trainer = build_trainer(cfg, run_dir, read_shards(str(shards), min_epoch_images=cfg.data.min_epoch_images),
+                            cfg.cluster.workers or cfg.cluster.nodes,
                             train_slot=train_slot)
     result = trainer.fit()
     return dict(result.metrics or {})

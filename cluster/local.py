@@ -40,6 +40,8 @@ class LocalCluster:
 
     def start(self) -> "LocalCluster":
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        # Train's print patch sends each worker print to the driver twice; plain stdout is enough
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         if self.include_dashboard:
             os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs in the dashboard
         import ray
