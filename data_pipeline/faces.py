@@ -18,8 +18,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from data_pipeline.manifest import BELOW_THRESHOLD, KEPT, NO_FACE, NOT_AN_IMAGE, UNREADABLE
 from data_pipeline.sources import Source, content_key, read_bytes
 
-# Photos per work unit, and so the largest batch one detect() call sees.
-DETECT_BATCH = 32
+# Photos per work unit, and so the largest batch one detect() call sees. On one CPU thread 12-16
+# photos per call ran fastest (the candidate boxes' tensors stay in cache); 32 was 25% slower.
+DETECT_BATCH = 16
 # Cap on the pixels of one detect() call: MTCNN's first stage holds the whole image pyramid of
 # the batch in memory at once.
 MAX_BATCH_PIXELS = 16_000_000
@@ -170,9 +171,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def build_detector(settings: FaceSettings, device: str = "cpu") -> MTCNN:
     """MTCNN set up for throughput on CPU.
 
-    Batching equal-size photos alone gains little (about 1.1x on the 89x109 CelebA crops): most
-    CPU time goes to MTCNN's second and third networks, which run once per candidate box however
-    the photos are batched. Two changes make up the rest (bench/mtcnn.py: >= 3x):
+    Batching equal-size photos alone gains little (1.1-1.5x on the 89x109 CelebA crops, on one
+    thread): most CPU time goes to MTCNN's second and third networks, which run once per
+    candidate box however the photos are batched. With small batches (DETECT_BATCH), two changes
+    make up the rest (bench/mtcnn.py: 3.5-4.6x on a loaded 2-core machine):
     - channels-last weights: NHWC convolutions and max-pooling run about twice as fast as NCHW
       for these small networks, with the same boxes;
     - a coarser image pyramid (factor 0.6 instead of 0.709): fewer scales, so fewer candidate
