@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     started = time.monotonic()
-    if args.address is None:
-        # The nodes we start stay on 127.0.0.1; Ray reads this when first imported, just below.
+    if args.address is None or args.address.startswith(("127.", "localhost")):
+        # Nodes we start, or a cluster we join on loopback, keep this driver on 127.0.0.1 too.
+        # Ray reads this when it is first imported, just below.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from data_pipeline.prepare import prepare  # torch and Ray load only once the arguments are good
     from data_pipeline.runtime import ray_session
