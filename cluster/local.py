@@ -9,10 +9,18 @@ advertises the machine's network address instead of 127.0.0.1.
 from __future__ import annotations
 
 import os
+import socket
 
 from progan.trainer import TRAIN_SLOT
 
 CPUS_PER_NODE = 2
+METRIC_PORT_VARIABLES = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _gpus_per_node(nodes: int) -> int:
@@ -27,10 +35,17 @@ class LocalCluster:
     """Context manager: starts the head (with the dashboard on 127.0.0.1) and N-1 worker nodes,
     connects this process as the driver, and tears everything down on exit."""
 
-    def __init__(self, nodes: int, dashboard_port: int = 8265, include_dashboard: bool = True):
+    def __init__(self, nodes: int, dashboard_port: int = 8265, include_dashboard: bool = True,
+                 system_config: dict | None = None, free_metric_ports: bool = False):
+        """`system_config`: Ray's `_system_config` for the head (e.g. a shorter
+        metrics_report_interval_ms). `free_metric_ports`: the dashboard and the autoscaler export
+        their metrics on fixed ports (44227, 44217) that another cluster on this machine may hold;
+        with this, the head takes free loopback ports instead (they are in the session's Prometheus
+        discovery file either way)."""
         if nodes < 1:
             raise ValueError(f"--nodes: got {nodes}, allowed: >= 1")
         self.nodes, self.dashboard_port, self.include_dashboard = nodes, dashboard_port, include_dashboard
+        self.system_config, self.free_metric_ports = dict(system_config or {}), free_metric_ports
         self.cluster = None
         self.dashboard_url = ""
 
@@ -49,7 +64,19 @@ class LocalCluster:
 
         head = {**self._node_args(), "include_dashboard": self.include_dashboard,
                 "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port}
-        self.cluster = Cluster(initialize_head=True, head_node_args=head)
+        if self.system_config:
+            head["_system_config"] = self.system_config
+        saved = {key: os.environ.get(key) for key in METRIC_PORT_VARIABLES} if self.free_metric_ports else {}
+        try:
+            for key in saved:  # read by the head's dashboard and autoscaler processes as they start
+                os.environ[key] = str(_free_port())
+            self.cluster = Cluster(initialize_head=True, head_node_args=head)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         for _ in range(self.nodes - 1):
             self.cluster.add_node(**self._node_args())
         context = ray.init(address=self.cluster.address, logging_level="WARNING", log_to_driver=True)
