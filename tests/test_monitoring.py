@@ -1,15 +1,14 @@
 """Monitoring: metric definitions, failure handling, the Prometheus launcher, and one end-to-end run.
 
 The end-to-end part (one Ray cluster for the module) starts a real Prometheus with the project's
-own monitoring/prometheus.yml on a free loopback port, runs a small 2-worker Ray Train job on a
-2-node local cluster (`_train_fn` below publishes metrics the way a training loop does, with one
-injected failure so Ray Train restarts the workers), a pipeline actor, and the launcher's
-exporter, then checks through Prometheus' HTTP API that every target is up, that every PromQL
+own monitoring/prometheus.yml on a free loopback port, runs a tiny real training (progan's
+trainer, 2 workers) on a 2-node local cluster with faces the data pipeline made there, a pipeline
+actor, and the launcher's exporter. The training's NaN test hook rolls it back once, so Ray Train
+restarts the workers from a checkpoint; once every panel has data the test ends the run with its
+STOP file. It checks through Prometheus' HTTP API that every target is up, that every PromQL
 expression of the Grafana dashboard returns data (GPU-only panels are exempt on a CPU-only
-cluster), and that the restart neither doubled a line nor left a gap.
-
-To run the real training instead, replace `_start_training` (see its docstring): everything else
-only needs a running job that publishes metrics for `RUN`.
+cluster), that the restart and the rollback were counted once, and that the restart neither
+doubled a line nor left a gap.
 
 Skips (does not fail) the end-to-end part only when no `prometheus` binary is installed.
 """
@@ -29,21 +28,36 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from monitoring import dashboard as dash
 from monitoring import metrics as M
 from monitoring.prometheus import DISCOVERY_FILE, free_port, render_config, start_prometheus
 
+from conftest import read_jsonl, tiny_config
+
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS = shutil.which("prometheus")
-RUN = f"mon-e2e-{uuid.uuid4().hex[:6]}"
+RUN = f"mon-e2e-{uuid.uuid4().hex[:6]}"  # the run folder's name, which labels the loop's metrics
 WORKERS = 2
-# Ray's export interval for this test's cluster: 2 s instead of 10 s, so the test is quick. The
-# gauge refresh adapts to it (TrainingMetrics reads it), and the gauges set once per attempt below
-# only stay visible through that refresh.
+CLUSTER_NODES = 2  # one training worker per node
+# Ray's export interval for this test's cluster: 2 s instead of 10 s, so the test is quick
+# (TrainingMetrics' gauge refresh adapts to it).
 REPORT_INTERVAL_MS = 2000
-ATTEMPT_1_S = 6           # first attempt: this long (its counters outlive it in Ray's agent), then rank 0 fails
-DATA_DEADLINE_S = 170     # from the start of fit() to every dashboard query having data
+SCRAPE_INTERVAL_S = float(yaml.safe_load((REPO / "monitoring" / "prometheus.yml").read_text())
+                          ["global"]["scrape_interval"].rstrip("s"))
+# tiny_config's 16x16 network: 4x4 until kimg 0.128, 8x8 (fade-in, stabilise) until 0.384, then
+# 16x16 until total_kimg, far beyond what the test waits for: it ends the run with the STOP file.
+# A pass of 256 images (the shards repeated) covers a phase: fewer Ray Data pass restarts than with
+# the 60 faces alone, and less reading ahead than with the default 8192.
+TRAINING_OVERRIDES = ("schedule.total_kimg=200", "cluster.max_failures=2", "checkpoint.every_kimg=0.064",
+                      "monitoring.log_every_steps=2", "data.min_epoch_images=256")
+NAN_AT_KIMG = 0.08        # one NaN two steps after the first checkpoint (kimg 0.064), still at 4x4
+GAUGE_WINDOW_S = 4        # gauges checked for gaps over at least this long after the restart
+# Ray Train for this module: no Train state actor (LocalCluster turns it on with a dashboard; one
+# process less to start), and the controller notices the rollback and the end of the run sooner.
+TRAIN_ENV = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+DATA_DEADLINE_S = 240     # from the start of fit() to every dashboard query having data (a loaded machine)
 ALLOWED_RESULT_LABELS = {"run", "rank", "outcome", "instance", "GpuIndex"}
 
 
@@ -231,76 +245,13 @@ def test_start_prometheus_on_a_taken_port_returns_none(tmp_path, caplog):
 
 # ------------------------------------------------------------------------------ end to end
 
-def _train_fn(cfg: dict) -> None:
-    """Stands in for progan's train loop: publishes every training metric the way it will.
-    Attempt 1 runs ATTEMPT_1_S seconds, then rank 0 fails; Ray Train restarts both workers, and
-    attempt 2 counts the restart and runs until the test writes the stop file."""
-    import sys as _sys
-    if cfg["repo"] not in _sys.path:
-        _sys.path.insert(0, cfg["repo"])
-    import time as _time
-    from pathlib import Path as _Path
-
-    import ray.train
-    import torch
-    from torch.nn.parallel import DistributedDataParallel
-
-    from monitoring.metrics import AllReduceTimer, TrainingMetrics
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    work = _Path(cfg["workdir"])
-    restarted = (work / "attempt1-failed").exists()
-    metrics = TrainingMetrics(cfg["run"], rank, "")
-    if restarted:
-        metrics.count_restart()
-    # Gauges are set once per attempt: they stay visible only through TrainingMetrics' refresh.
-    metrics.observe_stats({"resolution": 16 if restarted else 8, "phase": "stabilise" if restarted else "fade-in",
-                           "alpha": 1.0 if restarted else 0.25, "world_size": world, "lr": 1e-3,
-                           "loss_d": -0.5, "loss_g": 0.7, "grad_penalty": 0.02, "score_real": 1.5,
-                           "score_fake": -0.8, "img_per_s": 120.0 * world})
-    torch.manual_seed(0)
-    model = DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)),
-                                    bucket_cap_mb=0.05)
-    timer = AllReduceTimer()
-    model.register_comm_hook(None, timer.hook)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    started, step = _time.time(), 0
-    while _time.time() - started < cfg["max_s"]:
-        t0 = _time.perf_counter()
-        _time.sleep(0.03)  # waiting for the batch
-        wait = _time.perf_counter() - t0
-        loss = model(torch.randn(32, 64)).square().mean()
-        tb = _time.perf_counter()
-        loss.backward()
-        backward = _time.perf_counter() - tb
-        opt.step()
-        opt.zero_grad()
-        _time.sleep(0.2)
-        metrics.observe_step(32, _time.perf_counter() - t0, wait, backward_seconds=backward,
-                             allreduce_seconds=timer.take())
-        step += 1
-        if rank == 0 and step % 10 == 0:
-            tc = _time.perf_counter()
-            torch.save(model.state_dict(), work / "checkpoint.pt")
-            metrics.observe_checkpoint(_time.perf_counter() - tc)
-        if restarted and rank == 0 and step == 3:
-            metrics.count_rollback()
-        if not restarted and _time.time() - started > cfg["attempt_1_s"]:
-            if rank == 0:
-                (work / "attempt1-failed").touch()
-                raise RuntimeError("test: injected worker failure")
-        if restarted and (work / "stop").exists():
-            break
-    ray.train.report({"steps": step})
-
-
 def _pipeline_actor_cls():
     import ray
 
     @ray.remote(num_cpus=0)
     class FacePipelineStandIn:
-        """Counts like the data pipeline's actors do."""
+        """Counts like the data pipeline's actors will: data_pipeline/ does not publish
+        PipelineMetrics yet, so this actor feeds the dashboard's pipeline panels."""
 
         def __init__(self, repo: str, run: str):
             sys.path.insert(0, repo)
@@ -316,32 +267,37 @@ def _pipeline_actor_cls():
 
 
 class _Training:
-    """A training job running in a thread: `.stop()` asks it to finish, `.join()` waits."""
+    """The real training (progan.trainer.build_trainer, as launch.py builds it) with `fit()` in a
+    thread: `.stop()` writes the run's STOP file (a checkpoint, then a clean end at the next stats
+    line), `.join()` waits."""
 
-    def __init__(self, workdir: Path):
-        import ray.cloudpickle
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
+    def __init__(self, run_dir: Path, shards: Path):
+        import ray.data
 
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-        self.workdir = workdir
+        from data_pipeline.loader import read_shards
+        from progan.train_loop import STOP_FILE
+        from progan.trainer import build_trainer
+
+        cfg = tiny_config(*TRAINING_OVERRIDES)
+        run_dir.mkdir(parents=True)
+        self.run_dir, self.stop_file = run_dir, run_dir / STOP_FILE
         self.error: BaseException | None = None
-        self.trainer = TorchTrainer(
-            _train_fn,
-            train_loop_config={"repo": str(REPO), "workdir": str(workdir), "run": RUN,
-                               "attempt_1_s": ATTEMPT_1_S, "max_s": DATA_DEADLINE_S + 60},
-            scaling_config=ScalingConfig(num_workers=WORKERS, resources_per_worker={"CPU": 1},
-                                         placement_strategy="SPREAD"),
-            torch_config=TorchConfig(backend="gloo"),
-            run_config=RunConfig(name=RUN, storage_path=str(workdir / "ray_results"),
-                                 failure_config=FailureConfig(max_failures=1)),
-        )
+        self.result = None
+        # no Ray Data progress bars in the logs (the dataset keeps a copy of the context)
+        data_context = ray.data.DataContext.get_current()
+        progress_bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False
+        try:
+            dataset = read_shards(str(shards), min_epoch_images=cfg.data.min_epoch_images)
+        finally:
+            data_context.enable_progress_bars = progress_bars
+        self.trainer = build_trainer(cfg, run_dir, dataset, workers=WORKERS, train_slot=True,
+                                     extra_loop_config={"test_hooks": {"nan_at_kimg": NAN_AT_KIMG}})
         self.thread = threading.Thread(target=self._fit, daemon=True)
         self.thread.start()
 
     def _fit(self):
         try:
-            self.trainer.fit()
+            self.result = self.trainer.fit()
         except BaseException as exc:  # reported by the test
             self.error = exc
 
@@ -349,18 +305,29 @@ class _Training:
         return self.thread.is_alive()
 
     def stop(self) -> None:
-        (self.workdir / "stop").touch()
+        self.stop_file.touch()
 
     def join(self, timeout: float) -> None:
         self.thread.join(timeout)
 
+    def _jsonl(self, name: str) -> list[dict]:
+        path = self.run_dir / name
+        try:
+            return read_jsonl(path) if path.exists() else []
+        except ValueError:  # a line being written
+            return []
 
-def _start_training(workdir: Path) -> _Training:
-    """The job under test. To test the real training instead, return an object with the same
-    alive/stop/join methods that runs `python launch.py --address <cluster> --data <shards>
-    --run-name RUN ...` in a subprocess (stop: terminate it). It must fail once (a test hook)
-    so that the restart checks below have a restart to look at."""
-    return _Training(workdir)
+    def events(self) -> list[dict]:
+        return self._jsonl("events.jsonl")
+
+    def stats(self) -> list[dict]:
+        return self._jsonl("stats.jsonl")
+
+
+def _start_training(run_dir: Path, shards: Path) -> _Training:
+    """The job under test: a tiny real training on the module's 2-node cluster. Its NaN test hook
+    fails the first attempt once, so that Ray Train restarts the workers from a checkpoint."""
+    return _Training(run_dir, shards)
 
 
 def _listening_addresses(pid: int) -> set[str]:
@@ -397,34 +364,54 @@ def _has_finite(result: list[dict]) -> bool:
     return any(math.isfinite(float(r["value"][1])) for r in result)
 
 
+def _gauges_visible_from(training: _Training) -> float | None:
+    """When Prometheus holds the restarted workers' gauges for sure: their first stats line after
+    the resume, exported by Ray's agent, then scraped."""
+    resumes = [e["time"] for e in training.events() if e["event"] == "resume"]
+    first = [s["time"] for s in training.stats() if resumes and s["time"] > resumes[0]]
+    return first[0] + REPORT_INTERVAL_MS / 1000 + SCRAPE_INTERVAL_S + 1 if first else None
+
+
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory):
-    """Runs the scenario once; the tests below check what it saw."""
+def cluster(request):
+    """This module's cluster (instead of conftest's; the `shards` fixture runs the data pipeline on
+    it): the dashboard writes the Prometheus discovery file, metrics are exported every 2 s, and
+    the dashboard's and autoscaler's exporters take free ports, so every target is this cluster's."""
     if PROMETHEUS is None:
         pytest.skip("no prometheus binary (apt-get install prometheus; .ci/run installs it)")
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray.cloudpickle import register_pickle_by_value
+
+    from cluster.local import LocalCluster
+
+    register_pickle_by_value(request.module)  # workers cannot import the tests folder
+    saved = {key: os.environ.get(key) for key in TRAIN_ENV}
+    os.environ.update(TRAIN_ENV)
+    started = time.time()
+    try:
+        with LocalCluster(CLUSTER_NODES, dashboard_port=free_port(), include_dashboard=True,
+                          system_config={"metrics_report_interval_ms": REPORT_INTERVAL_MS},
+                          free_metric_ports=True) as local:
+            local.up_s, local.ready_at = time.time() - started, time.time()
+            yield local
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def e2e(cluster, shards, tmp_path_factory):
+    """Runs the scenario once; the tests below check what it saw."""
     import ray
-    from ray.cluster_utils import Cluster
+
+    from monitoring.prometheus import current_session_dir
 
     work = tmp_path_factory.mktemp("monitoring_e2e")
-    seen: dict = {"t0": time.time()}
-    # Ray's dashboard and autoscaler export on fixed ports (44227, 44217) that another cluster on
-    # this machine may hold: take free ones, so every target in our discovery file is our own.
-    saved_env = {k: os.environ.get(k) for k in ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")}
-    for key in saved_env:
-        os.environ[key] = str(free_port())
-    node_args = {"num_cpus": 2}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        **node_args, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
-        "_system_config": {"metrics_report_interval_ms": REPORT_INTERVAL_MS}})
+    seen: dict = {"cluster_up_s": cluster.up_s, "shards_s": time.time() - cluster.ready_at}
     prometheus = launcher = training = actor = None
     try:
-        for _ in range(WORKERS - 1):
-            cluster.add_node(**node_args)
-        ray.init(address=cluster.address, logging_level="WARNING")
-        cluster.wait_for_nodes()
-        seen["cluster_up_s"] = time.time() - seen["t0"]
-        from monitoring.prometheus import current_session_dir
         session = current_session_dir()
         seen["session_dir"] = session
         seen["node_targets"] = {f'{n["NodeManagerAddress"]}:{n["MetricsExportPort"]}' for n in ray.nodes() if n["Alive"]}
@@ -437,38 +424,44 @@ def e2e(tmp_path_factory):
         seen["prometheus_url"] = prometheus.url
         seen["launcher_address"] = launcher.address
 
-        actor = _pipeline_actor_cls().remote(str(REPO), RUN)
-        ray.get(actor.process.remote({"read": 20, "kept": 12, "no_face": 3, "below_threshold": 2,
-                                      "unreadable": 1, "not_image": 1, "duplicate": 1}))
+        actor = _pipeline_actor_cls().remote(str(REPO), RUN)  # starts while the training does
+        counted = actor.process.remote({"read": 20, "kept": 12, "no_face": 3, "below_threshold": 2,
+                                        "unreadable": 1, "not_image": 1, "duplicate": 1})
 
         fit_started = time.time()
-        training = _start_training(work)
+        training = _start_training(work / RUN, shards)
         board = dash.load_dashboard()
         run_regex = re.escape(RUN).replace("\\", "\\\\")  # a regex inside a PromQL string
         queries = [q for q in dash.queries(board) if not (q.gpu_only and seen["gpus"] == 0)]
         variables = dash.variable_queries(board)
-        missing: list[str] = []
-        restarted_at = None
+        missing = ["(not checked: no stats line from the restarted workers yet)"]
+        restarted_at = gauges_from = None
         while time.time() - fit_started < DATA_DEADLINE_S and training.alive():
-            time.sleep(2)
+            time.sleep(1)
             try:
-                if restarted_at is None and prometheus.query(
-                        f'max({M.RESTARTS.exported}{{run="{RUN}"}}) >= 1'):
+                if restarted_at is None and prometheus.query(f'max({M.RESTARTS.exported}{{run="{RUN}"}}) >= 1'):
                     restarted_at = time.time()
+                if gauges_from is None:
+                    gauges_from = _gauges_visible_from(training)
+                # first the restarted workers' gauges stay in Prometheus long enough to show a gap
+                # if there were one, then every panel must have data
+                if restarted_at is None or gauges_from is None or time.time() < gauges_from + GAUGE_WINDOW_S:
+                    continue
                 missing = [q.name for q in queries
                            if not _has_finite(prometheus.query(dash.runnable(q.expr, run_regex)))]
                 missing += [f"variable ${name}" for name, expr in variables.items()
                             if not prometheus.query(expr)]
             except OSError:
                 continue
-            # after the restart, give the gauges (set once per attempt) time to need their refresh
-            if not missing and restarted_at and time.time() - restarted_at > 4 * REPORT_INTERVAL_MS / 1000:
+            if not missing:
                 break
         seen["data_after_s"] = time.time() - fit_started
+        seen["pipeline_counted"] = ray.get(counted, timeout=30)
         seen["missing"] = missing
         seen["restarted_at"] = restarted_at
         seen["restart_seen_after_s"] = restarted_at - fit_started if restarted_at else None
-        now = time.time()
+        now = stopping = time.time()
+        training.stop()  # the run finishes its step, saves a checkpoint and ends; the queries below look at `now`
         seen["instant"] = {q.name: prometheus.query(dash.runnable(q.expr, run_regex), now) for q in queries}
         seen["variables"] = {name: prometheus.query(expr, now) for name, expr in variables.items()}
         seen["range"] = {q.name: prometheus.query_range(dash.runnable(q.expr, run_regex), fit_started, now, 5)
@@ -477,27 +470,25 @@ def e2e(tmp_path_factory):
         seen["worker_ids"] = prometheus.query(
             f'count by (rank) (count by (rank, WorkerId) (last_over_time({M.STEPS.exported}{{run="{RUN}"}}[10m])))',
             now)
-        if restarted_at:
+        if gauges_from and gauges_from < now:
             seen["gauge_range_after_restart"] = prometheus.query_range(
-                f'max by (rank) ({M.WORLD_SIZE.exported}{{run="{RUN}"}})', restarted_at + 6, now, 1)
-        training.stop()
-        training.join(90)
+                f'max by (rank) ({M.WORLD_SIZE.exported}{{run="{RUN}"}})', gauges_from, now, 1)
+        training.join(120)
+        seen["stop_s"] = time.time() - stopping
+        seen["events"] = training.events()
+        seen["timeline"] = [(round(e["time"] - fit_started, 1), e["event"], e.get("kimg"), e.get("resolution"))
+                            for e in seen["events"]]
         seen["training_error"] = training.error
         seen["training_alive"] = training.alive()
+        seen["result"] = training.result
         yield seen
     finally:
-        if training is not None:
+        if training is not None and training.alive():
             training.stop()
+            training.join(60)
         for closer in (getattr(prometheus, "stop", None), getattr(launcher, "stop", None)):
             if closer:
                 closer()
-        ray.shutdown()
-        cluster.shutdown()
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_e2e_every_target_up_and_on_loopback(e2e):
@@ -516,14 +507,18 @@ def test_e2e_every_target_up_and_on_loopback(e2e):
 
 
 def test_e2e_every_dashboard_query_returns_data(e2e):
-    print(f"cluster up in {e2e['cluster_up_s']:.0f} s; after fit() started: restart seen at "
-          f"{e2e['restart_seen_after_s'] or float('nan'):.0f} s, all dashboard queries had data at {e2e['data_after_s']:.0f} s")
+    print(f"cluster up in {e2e['cluster_up_s']:.0f} s, shards made in {e2e['shards_s']:.0f} s; after fit() "
+          f"started: restart seen at {e2e['restart_seen_after_s'] or float('nan'):.0f} s, all dashboard queries "
+          f"had data at {e2e['data_after_s']:.0f} s; STOP took {e2e['stop_s']:.0f} s")
+    print("  run events (s after fit(), event, kimg, resolution):", e2e["timeline"])
     for name, results in e2e["instant"].items():  # shown with pytest -s
         print(f"  {name}: " + ", ".join(f"{dict(r['metric'])}={float(r['value'][1]):.4g}" for r in results))
     assert e2e["missing"] == [], f"no data after {e2e['data_after_s']:.0f} s for: {e2e['missing']}"
     assert all(e2e["variables"].values())
     per_rank = e2e["instant"]["Throughput per worker [A]"]
     assert sorted(r["metric"]["rank"] for r in per_rank) == [str(r) for r in range(WORKERS)]
+    assert e2e["pipeline_counted"] == 40
+    assert [float(r["value"][1]) for r in e2e["instant"]["Pipeline outcomes [A]"]] == [20]
 
 
 def test_e2e_queries_aggregate_away_worker_identity(e2e):
@@ -540,6 +535,9 @@ def test_e2e_queries_aggregate_away_worker_identity(e2e):
 
 def test_e2e_restart_is_counted_without_doubled_lines_or_gaps(e2e):
     assert e2e["restarted_at"], "Ray Train did not restart the workers (or the restart was not seen)"
+    events = e2e["events"]
+    assert len([e for e in events if e["event"] == "nan_rollback"]) == 1
+    assert len([e for e in events if e["event"] == "resume"]) == 1
     # the restart really gave the ranks new processes (new WorkerId label) ...
     assert {r["metric"]["rank"]: r["value"][1] for r in e2e["worker_ids"]} == {"0": "2", "1": "2"}
     # ... yet the per-rank lines stayed one per rank over the whole run
@@ -547,15 +545,32 @@ def test_e2e_restart_is_counted_without_doubled_lines_or_gaps(e2e):
     assert sorted(r["metric"]["rank"] for r in per_rank) == ["0", "1"]
     assert float(e2e["instant"]["Restarts [A]"][0]["value"][1]) == 1
     assert float(e2e["instant"]["NaN rollbacks [A]"][0]["value"][1]) == 1
-    # gauges set once at the start of attempt 2 stayed visible (TrainingMetrics refreshes them)
-    gauge = e2e["gauge_range_after_restart"]
+    # the restarted workers' gauges stayed visible, without a gap, from their first stats line on
+    gauge = e2e.get("gauge_range_after_restart")
+    assert gauge, "the restarted workers logged no stats line in time"
     assert sorted(r["metric"]["rank"] for r in gauge) == ["0", "1"]
     for r in gauge:
         stamps = [float(t) for t, _ in r["values"]]
+        assert stamps[-1] - stamps[0] >= GAUGE_WINDOW_S - 1
         assert max(b - a for a, b in zip(stamps, stamps[1:])) <= 1.01, f"gap in rank {r['metric']['rank']}"
         assert {v for _, v in r["values"]} == {str(WORKERS)}
+
+
+def test_e2e_gauges_follow_the_training(e2e):
+    """The real loop's gauges change: the resolution grows 4 -> 8 -> 16 and never goes back (the
+    rollback here stays within the 4x4 phase: NAN_AT_KIMG and the checkpoint before it), the
+    losses move."""
+    (resolution,) = e2e["range"]["Resolution [A]"]
+    values = [float(v) for _, v in resolution["values"]]
+    assert values and set(values) <= {4.0, 8.0, 16.0} and values == sorted(values), values
+    (loss_d,) = e2e["range"]["Losses [A]"]
+    assert len({v for _, v in loss_d["values"]}) > 1
 
 
 def test_e2e_training_finished_cleanly(e2e):
     assert not e2e["training_alive"]
     assert e2e["training_error"] is None, repr(e2e["training_error"])
+    stopped = [e for e in e2e["events"] if e["event"] == "stopped"]
+    assert len(stopped) == 1 and "STOP" in stopped[0]["reason"], stopped
+    assert e2e["events"][-2]["event"] == "checkpoint" and e2e["events"][-1] == stopped[0]
+    assert e2e["result"].metrics["ranks_identical"] is True
