@@ -28,7 +28,7 @@ class DataConfig:
     path: str = ""                 # shards folder (with manifest.json) or a folder of raw photos
     mirror: bool = True            # random horizontal flip, as the official code for CelebA
     shuffle_buffer: int = 2000     # images held for local shuffling on each worker
-    min_epoch_images: int = 8192   # a smaller dataset is repeated within one pass (fewer pass restarts)
+    min_epoch_images: int = 2048   # a smaller dataset is repeated within one pass (fewer pass restarts)
     seed: int = 0
 
 
