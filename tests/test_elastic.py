@@ -68,6 +68,7 @@ def test_removed_node_trains_on_and_an_added_node_is_used(cluster, shards, tmp_p
     victim = cluster.cluster.list_all_nodes()[-1]  # a worker node; the head hosts this driver
     cluster.remove_node(victim)
     shrunk = run.wait_for(lambda e: e["event"] == "resume" and e["world_size"] == 2)
+    run.wait_for(lambda s: s["world_size"] == 2, name="stats.jsonl")  # it trained on 2 before the node returns
     cluster.add_node()
     grown = run.wait_for(lambda e: e["event"] == "resume" and e["world_size"] == 3 and e["time"] > shrunk["time"])
     run.wait_for(lambda e: e["event"] == "checkpoint" and e["time"] > grown["time"])
