@@ -142,7 +142,8 @@ def prepare_shards(cfg: Config, photos: Path, run_dir: Path) -> Path:
     print(f"[launch] face shards from {photos} -> {cache}", flush=True)
     address = ray.get_runtime_context().gcs_address
     status = subprocess.run([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", str(cache),
-                             "--resolution", str(cfg.model.max_resolution), "--address", address],
+                             "--resolution", str(cfg.model.max_resolution), "--address", address,
+                             "--run-name", run_dir.name],  # its metrics carry the run's label
                             cwd=Path(__file__).resolve().parent).returncode
     if status:
         raise UsageError(f"the data pipeline stopped (exit status {status}) on {photos}")

@@ -2,12 +2,13 @@
 
     python -m data_pipeline --input PATH [--input PATH ...] --output DIR --resolution 128
         [--shard-size N] [--nodes N | --address ADDR] [--overwrite] [--format png|jpg]
-        [--min-prob 0.95] [--margin 0.4] [--quiet]
+        [--min-prob 0.95] [--margin 0.4] [--run-name NAME] [--quiet]
 
 PATH: a folder (searched recursively for .jpg .jpeg .png .webp .bmp), a glob, or a .zip/.tar of
 photos. Arguments, inputs and the output folder are checked before Ray starts: a mistake costs
 one line on stderr and exit code 2. An output with a complete manifest.json is left alone unless
---overwrite; an interrupted run is resumed by running the same command again.
+--overwrite; an interrupted run is resumed by running the same command again. Photos read and
+their outcomes go to Prometheus through Ray's metrics export, labelled run=NAME (monitoring/).
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--format", choices=IMAGE_FORMATS, default="png", dest="image_format")
     parser.add_argument("--min-prob", type=float, default=0.95, help="keep faces detected at least this sure")
     parser.add_argument("--margin", type=float, default=0.4, help="square side = face box side * (1 + margin)")
+    parser.add_argument("--run-name", default="", metavar="NAME",
+                        help="the `run` label of the pipeline's Prometheus metrics (default: the output folder's name)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.nodes is not None and args.nodes < 1:
             raise UserError(f"--nodes must be at least 1, not {args.nodes}")
         config = PrepareConfig(tuple(args.input), args.output, args.resolution, args.shard_size,
-                               args.image_format, args.min_prob, args.margin, args.overwrite)
+                               args.image_format, args.min_prob, args.margin, args.overwrite, args.run_name)
         check_inputs_exist(list(config.inputs))
         ensure_writable_folder(config.output)
         finished = None if config.overwrite else read_manifest(config.output)

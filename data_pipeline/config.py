@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from data_pipeline.errors import UserError
 
@@ -18,8 +19,11 @@ class PrepareConfig:
     min_prob: float = 0.95
     margin: float = 0.4
     overwrite: bool = False
+    run_name: str = ""  # labels the pipeline's metrics; "" means the output folder's name
 
     def __post_init__(self):
+        if not self.run_name:
+            object.__setattr__(self, "run_name", Path(self.output).resolve().name)
         if not self.inputs:
             raise UserError("give at least one --input")
         if not 4 <= self.resolution <= 1024 or self.resolution & (self.resolution - 1):

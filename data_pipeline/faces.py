@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_pipeline.manifest import BELOW_THRESHOLD, KEPT, NO_FACE, NOT_AN_IMAGE, UNREADABLE
 from data_pipeline.sources import Source, content_key, read_bytes
+from monitoring.metrics import PipelineMetrics
 
 # Photos per work unit, and so the largest batch one detect() call sees. On one CPU thread 12-16
 # photos per call ran fastest (the candidate boxes' tensors stay in cache); 32 was 25% slower.
@@ -350,8 +351,9 @@ class FaceDetector:
     and with them the floating-point results, are the same on every run.
     """
 
-    def __init__(self, settings: FaceSettings):
+    def __init__(self, settings: FaceSettings, run: str = "pipeline"):
         self.settings = settings
+        self.metrics = PipelineMetrics.shared(run)  # results by outcome, for Prometheus
         # Ray sets OMP_NUM_THREADS to the actor's CPUs, which torch follows for its threads.
         self.mtcnn = build_detector(settings, "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -360,4 +362,5 @@ class FaceDetector:
         for shard, sources in zip(batch["shard"], batch["sources"]):
             for result in process_sources(self.mtcnn, list(sources), self.settings):
                 rows.append({"shard": int(shard), **asdict(result)})
+                self.metrics.count(result.status)
         return {column: [row[column] for row in rows] for column in RESULT_COLUMNS}

@@ -33,6 +33,7 @@ from data_pipeline.manifest import (
 )
 from data_pipeline.shards import Sample, ShardProgress
 from data_pipeline.sources import Source, content_key, list_sources, read_bytes
+from monitoring.metrics import PipelineMetrics
 
 HASH_BATCH = 64  # photos per hashing call
 MAX_BLOCKS = 2000  # enough blocks to spread work over many actors, few enough to stay cheap
@@ -70,12 +71,14 @@ def prepare(config: PrepareConfig, sources: list[Source] | None = None, show_pro
         return finished
     sources = list_sources(list(config.inputs)) if sources is None else sources
     settings = face_settings(config)
-    plan = make_plan(hash_sources(sources, show_progress), config.shard_size, run_record(config, settings))
+    plan = make_plan(hash_sources(sources, config.run_name, show_progress), config.shard_size,
+                     run_record(config, settings))
+    count_duplicates(plan, config.run_name)
     progress = ShardProgress(output, plan.fingerprint, fresh=config.overwrite)
     todo = [shard for shard in plan.shards if not progress.is_done(shard.index)]
     with ProgressBar(len(sources), show_progress) as bar:
         bar.add([outcome.status for outcome in known_outcomes(plan, progress)])
-        detect_faces(todo, settings, progress, bar)
+        detect_faces(todo, settings, config.run_name, progress, bar)
     return finish(output, plan, progress, config, settings)
 
 
@@ -119,18 +122,23 @@ def dataset_of(rows: list[dict]) -> ray.data.Dataset:
 # Pass 1: hash
 
 
-def hash_sources(sources: list[Source], show_progress: bool) -> list[Hashed]:
+def hash_sources(sources: list[Source], run: str, show_progress: bool) -> list[Hashed]:
     rows = [{"sources": chunk} for chunk in chunked(sources, HASH_BATCH)]
     hashed = []
     with tqdm(total=len(sources), desc="reading", unit="photo", disable=not show_progress) as bar:
-        for row in dataset_of(rows).map_batches(hash_batch, batch_size=1).iter_rows():
+        for row in dataset_of(rows).map_batches(hash_batch, fn_kwargs={"run": run}, batch_size=1).iter_rows():
             hashed.append(Hashed(row["source"], row["key"], row["size"], (row["width"], row["height"]), row["error"]))
             bar.update()
     return hashed
 
 
-def hash_batch(batch: dict) -> dict[str, list]:
+def hash_batch(batch: dict, run: str) -> dict[str, list]:
+    """Reads and hashes photos; the metrics count them as read, and the unreadable and empty
+    ones by outcome (settled here, before detection)."""
     rows = [hash_one(source) for sources in batch["sources"] for source in sources]
+    metrics = PipelineMetrics.shared(run)
+    metrics.count("read", len(rows))
+    metrics.count(UNREADABLE, sum(1 for row in rows if row["error"] or not row["size"]))
     return {column: [row[column] for row in rows] for column in rows[0]}
 
 
@@ -169,6 +177,11 @@ def make_plan(hashed: list[Hashed], shard_size: int, record: dict) -> Plan:
     return Plan(shards, settled, fingerprint)
 
 
+def count_duplicates(plan: Plan, run: str) -> None:
+    """Duplicates are only known here, on the driver, once every photo is hashed."""
+    PipelineMetrics.shared(run).count(DUPLICATE, sum(1 for o in plan.settled if o.status == DUPLICATE))
+
+
 def settle_before_detection(hashed: list[Hashed]) -> tuple[list[Outcome], list[Hashed]]:
     """Outcomes of unreadable, empty and duplicate files, and the photos left to detect.
     Of equal files the first by name is kept, so the choice does not depend on timing."""
@@ -192,12 +205,13 @@ def settle_before_detection(hashed: list[Hashed]) -> tuple[list[Outcome], list[H
 # Pass 2: detect, and write each shard as soon as its block is complete
 
 
-def detect_faces(shards: list[ShardPlan], settings: FaceSettings, progress: ShardProgress, bar: ProgressBar) -> None:
+def detect_faces(shards: list[ShardPlan], settings: FaceSettings, run: str, progress: ShardProgress,
+                 bar: ProgressBar) -> None:
     if not shards:
         return
     units = [{"shard": shard.index, "sources": unit} for shard in shards for unit in chunked(shard.sources, DETECT_BATCH)]
     results = dataset_of(units).map_batches(
-        FaceDetector, fn_constructor_kwargs={"settings": settings}, batch_size=1, **detector_resources()
+        FaceDetector, fn_constructor_kwargs={"settings": settings, "run": run}, batch_size=1, **detector_resources()
     )
     expected = {shard.index: len(shard.sources) for shard in shards}
     pending: dict[int, list[PhotoResult]] = defaultdict(list)

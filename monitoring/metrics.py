@@ -68,7 +68,7 @@ class MetricSpec:
 TRAIN_TAGS = ("run", "rank", "node")
 PIPELINE_TAGS = ("run", "node")
 PHASES = ("fade-in", "stabilise")
-OUTCOMES = ("kept", "no_face", "below_threshold", "unreadable", "not_image", "duplicate")
+OUTCOMES = ("kept", "no_face", "below_threshold", "unreadable", "not_an_image", "duplicate")  # = data_pipeline.manifest's
 
 
 def _c(name, help, tags=TRAIN_TAGS):
@@ -340,8 +340,18 @@ class TrainingMetrics:
 # ------------------------------------------------------------------------------------ pipeline
 
 class PipelineMetrics:
-    """Counts of the face pipeline, one object per actor or task:
-    `count("read")` for every raw image read, `count(outcome)` for what became of it."""
+    """Counts of the face pipeline: `count("read")` for every raw image read, `count(outcome)`
+    for what became of it. One object per process: `PipelineMetrics.shared(run)`."""
+
+    _by_run: dict = {}
+
+    @classmethod
+    def shared(cls, run: str) -> "PipelineMetrics":
+        """This process's object for `run`: a Ray Data task worker or actor runs many batches,
+        and each would otherwise register the metrics again."""
+        if run not in cls._by_run:
+            cls._by_run[run] = cls(run)
+        return cls._by_run[run]
 
     def __init__(self, run: str):
         self._fail = _Once("PipelineMetrics")

@@ -1,14 +1,15 @@
 """Monitoring: metric definitions, failure handling, the Prometheus launcher, and one end-to-end run.
 
 The end-to-end part (one Ray cluster for the module) starts a real Prometheus with the project's
-own monitoring/prometheus.yml on a free loopback port, runs a tiny real training (progan's
-trainer, 2 workers) on a 2-node local cluster with faces the data pipeline made there, a pipeline
-actor, and the launcher's exporter. The training's NaN test hook rolls it back once, so Ray Train
+own monitoring/prometheus.yml on a free loopback port, runs the real data pipeline there (its
+CLI, labelled with the run's name, on real photos and a few bad files), then a tiny real training
+(progan's trainer, 2 workers) on a 2-node local cluster with those shards, and the launcher's
+exporter. The training's NaN test hook rolls it back once, so Ray Train
 restarts the workers from a checkpoint; once every panel has data the test ends the run with its
 STOP file. It checks through Prometheus' HTTP API that every target is up, that every PromQL
 expression of the Grafana dashboard returns data (GPU-only panels are exempt on a CPU-only
 cluster), that the restart and the rollback were counted once, and that the restart neither
-doubled a line nor left a gap.
+doubled a line nor left a gap, and that the pipeline's counts in Prometheus equal its manifest's.
 
 Skips (does not fail) the end-to-end part only when no `prometheus` binary is installed.
 """
@@ -35,6 +36,7 @@ from monitoring import metrics as M
 from monitoring.prometheus import DISCOVERY_FILE, free_port, render_config, start_prometheus
 
 from conftest import read_jsonl, tiny_config
+from data_pipeline.manifest import COUNT_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS = shutil.which("prometheus")
@@ -245,25 +247,24 @@ def test_start_prometheus_on_a_taken_port_returns_none(tmp_path, caplog):
 
 # ------------------------------------------------------------------------------ end to end
 
-def _pipeline_actor_cls():
-    import ray
+def _run_pipeline(cluster, faces_dir: Path, work: Path) -> dict:
+    """The real data pipeline (its CLI, as launch.py runs it) on this cluster, labelled with the
+    run's name, on 64 real photos plus an empty file, a text file named .jpg and a duplicate;
+    returns its manifest. Its shards feed the training."""
+    import json
 
-    @ray.remote(num_cpus=0)
-    class FacePipelineStandIn:
-        """Counts like the data pipeline's actors will: data_pipeline/ does not publish
-        PipelineMetrics yet, so this actor feeds the dashboard's pipeline panels."""
-
-        def __init__(self, repo: str, run: str):
-            sys.path.insert(0, repo)
-            from monitoring.metrics import PipelineMetrics
-            self.metrics = PipelineMetrics(run)
-
-        def process(self, counts: dict) -> int:
-            for outcome, n in counts.items():
-                self.metrics.count(outcome, n)
-            return sum(counts.values())
-
-    return FacePipelineStandIn
+    photos = work / "photos"
+    photos.mkdir()
+    for path in sorted((faces_dir / "aligned").glob("*.jpg"))[32:96]:
+        shutil.copy(path, photos)
+    (photos / "empty.jpg").write_bytes(b"")
+    (photos / "notes.jpg").write_text("not a photo")
+    shutil.copy(sorted(photos.glob("0*.jpg"))[0], photos / "copy.jpg")
+    out = work / "faces16"
+    subprocess.run([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", str(out),
+                    "--resolution", "16", "--shard-size", "16", "--address", cluster.cluster.address,
+                    "--run-name", RUN, "--quiet"], check=True, cwd=REPO, timeout=600)
+    return json.loads((out / "manifest.json").read_text()) | {"path": out}
 
 
 class _Training:
@@ -374,8 +375,7 @@ def _gauges_visible_from(training: _Training) -> float | None:
 
 @pytest.fixture(scope="module")
 def cluster(request):
-    """This module's cluster (instead of conftest's; the `shards` fixture runs the data pipeline on
-    it): the dashboard writes the Prometheus discovery file, metrics are exported every 2 s, and
+    """This module's cluster (instead of conftest's): the dashboard writes the Prometheus discovery file, metrics are exported every 2 s, and
     the dashboard's and autoscaler's exporters take free ports, so every target is this cluster's."""
     if PROMETHEUS is None:
         pytest.skip("no prometheus binary (apt-get install prometheus; .ci/run installs it)")
@@ -402,15 +402,15 @@ def cluster(request):
 
 
 @pytest.fixture(scope="module")
-def e2e(cluster, shards, tmp_path_factory):
+def e2e(cluster, faces_dir, tmp_path_factory):
     """Runs the scenario once; the tests below check what it saw."""
     import ray
 
     from monitoring.prometheus import current_session_dir
 
     work = tmp_path_factory.mktemp("monitoring_e2e")
-    seen: dict = {"cluster_up_s": cluster.up_s, "shards_s": time.time() - cluster.ready_at}
-    prometheus = launcher = training = actor = None
+    seen: dict = {"cluster_up_s": cluster.up_s}
+    prometheus = launcher = training = None
     try:
         session = current_session_dir()
         seen["session_dir"] = session
@@ -424,12 +424,12 @@ def e2e(cluster, shards, tmp_path_factory):
         seen["prometheus_url"] = prometheus.url
         seen["launcher_address"] = launcher.address
 
-        actor = _pipeline_actor_cls().remote(str(REPO), RUN)  # starts while the training does
-        counted = actor.process.remote({"read": 20, "kept": 12, "no_face": 3, "below_threshold": 2,
-                                        "unreadable": 1, "not_image": 1, "duplicate": 1})
+        pipeline_started = time.time()
+        seen["manifest"] = _run_pipeline(cluster, faces_dir, work)
+        seen["shards_s"] = time.time() - pipeline_started
 
         fit_started = time.time()
-        training = _start_training(work / RUN, shards)
+        training = _start_training(work / RUN, seen["manifest"]["path"])
         board = dash.load_dashboard()
         run_regex = re.escape(RUN).replace("\\", "\\\\")  # a regex inside a PromQL string
         queries = [q for q in dash.queries(board) if not (q.gpu_only and seen["gpus"] == 0)]
@@ -456,7 +456,6 @@ def e2e(cluster, shards, tmp_path_factory):
             if not missing:
                 break
         seen["data_after_s"] = time.time() - fit_started
-        seen["pipeline_counted"] = ray.get(counted, timeout=30)
         seen["missing"] = missing
         seen["restarted_at"] = restarted_at
         seen["restart_seen_after_s"] = restarted_at - fit_started if restarted_at else None
@@ -517,8 +516,17 @@ def test_e2e_every_dashboard_query_returns_data(e2e):
     assert all(e2e["variables"].values())
     per_rank = e2e["instant"]["Throughput per worker [A]"]
     assert sorted(r["metric"]["rank"] for r in per_rank) == [str(r) for r in range(WORKERS)]
-    assert e2e["pipeline_counted"] == 40
-    assert [float(r["value"][1]) for r in e2e["instant"]["Pipeline outcomes [A]"]] == [20]
+
+
+def test_e2e_pipeline_counts_match_its_manifest(e2e):
+    """What the pipeline's tasks, actors and driver counted for Prometheus is what its manifest says."""
+    counts = e2e["manifest"]["counts"]
+    assert counts["files_seen"] == 67 and counts["unreadable"] >= 1 and counts["not_an_image"] == 1
+    assert counts["duplicate_content"] == 1 and counts["faces_kept"] >= 50
+    assert [float(r["value"][1]) for r in e2e["instant"]["Pipeline outcomes [A]"]] == [counts["files_seen"]]
+    by_outcome = {r["metric"]["outcome"]: float(r["value"][1]) for r in e2e["instant"]["Pipeline outcomes [B]"]}
+    manifest_by_outcome = {status: counts[name] for status, name in COUNT_NAMES.items()}
+    assert by_outcome == manifest_by_outcome
 
 
 def test_e2e_queries_aggregate_away_worker_identity(e2e):
