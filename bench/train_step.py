@@ -8,7 +8,8 @@ What one step is (ours): `progan.training_step.train_step` with `WGANGP` (lambda
 forward without grad, D on reals, D on fakes, D on the interpolates with the input-gradient
 penalty, backward, Adam) then a generator step (G forward, D with its parameters frozen,
 backward, Adam). The networks are `Generator()` / `Discriminator()` at their defaults
-(max_resolution 1024, latent 512, fmap_base 8192, fmap_max 512); only the layers up to
+(max_resolution 1024, latent 512, fmap_base 8192, fmap_max 512), in channels-last layout as
+the training loop puts them (model.channels_last; --nchw for the other); only the layers up to
 --resolution run, and `set_trainable` restricts gradients to them as the training loop does.
 The reals are a fixed batch of random images; during a fade-in (--alpha < 1) `fade_reals`
 runs inside the timed step. The step runs on cuda when available, else on the CPU with
@@ -71,7 +72,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from progan.losses import WGANGP
 from progan.networks import Discriminator, Generator, set_trainable
-from progan.training_step import fade_reals, make_optimizer, train_step
+from progan.training_step import fade_reals, make_optimizer, memory_format, train_step
 
 PEER_PIP = (".venv/bin/pip install --no-deps --target {path} pro-gan-pth==3.4 "
             "tensorboard==2.21.0 absl-py==2.5.1")
@@ -115,9 +116,9 @@ class _Ours:
     name = "ours"
 
     def __init__(self, resolution: int, batch: int, alpha: float, device: torch.device,
-                 reals: torch.Tensor):
-        self.G = Generator().to(device)
-        self.D = Discriminator().to(device)
+                 reals: torch.Tensor, channels_last: bool = True):
+        self.G = Generator().to(device, memory_format=memory_format(channels_last))
+        self.D = Discriminator().to(device, memory_format=memory_format(channels_last))
         fading = alpha < 1.0 and resolution > 4
         set_trainable(self.G, resolution, fading)
         set_trainable(self.D, resolution, fading)
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--peak-batch", type=int, default=8,
                     help="batch of the peak convolution (8: ~0.2 s on 2 idle Zen 4 cores); 0: find one taking ~0.2 s")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
+    ap.add_argument("--nchw", action="store_true",
+                    help="our networks in NCHW layout (default: channels-last, as model.channels_last)")
     ap.add_argument("--compare-pro-gan", action="store_true",
                     help="also time the pro-gan-pth 3.4 package's step, interleaved with ours")
     ap.add_argument("--peer-path", default="/tmp/progan_peer",
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     reals = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device)
 
-    runners = [_Ours(args.resolution, args.batch, args.alpha, device, reals)]
+    runners = [_Ours(args.resolution, args.batch, args.alpha, device, reals, channels_last=not args.nchw)]
     if args.compare_pro_gan:
         runners.append(_Peer(args.resolution, args.batch, args.alpha, device, reals, args.peer_path))
 
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak_gflop_per_s, peak_layout = peak.result()
     out = {
         "resolution": args.resolution, "batch": args.batch, "alpha": args.alpha,
-        "device": str(device), "threads": torch.get_num_threads(),
+        "device": str(device), "threads": torch.get_num_threads(), "channels_last": not args.nchw,
         "steps": args.steps, "warmup": args.warmup,
         "step_s": round(step_s, 5), "step_s_min": round(min(times["ours"]), 5),
         "img_per_s": round(args.batch / step_s, 2),

@@ -40,6 +40,8 @@ class ModelConfig:
     fmap_max: int = 512
     num_channels: int = 3
     mbstd_group_size: int = 4
+    # NHWC activations and conv weights: the same maths, ~10% faster steps on CPU (oneDNN)
+    channels_last: bool = True
 
 
 @dataclass

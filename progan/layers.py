@@ -23,14 +23,18 @@ class EqualizedConv2d(nn.Module):
         self.padding = kernel_size // 2 if padding is None else padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight * self.scale
-        k = weight.shape[-1]
+        # conv(x, w * scale) + b, with the scale applied to the output instead: the same maths
+        # without a scaled copy of the weight (and its backward) in every call, which at 8x8 and
+        # below is a larger tensor than the output
+        k = self.weight.shape[-1]
         if self.padding == 0 and k > 1 and x.shape[-2:] == (k, k):
             # a k x k convolution over a k x k map without padding (the critic's 4x4 conv) is a
             # dense layer over the flattened map: one GEMM, also in the penalty's double backward,
             # where the convolution kernels are slow for a 1x1 output
-            return F.linear(x.flatten(1), weight.flatten(1), self.bias)[:, :, None, None]
-        return F.conv2d(x, weight, self.bias, padding=self.padding)
+            y = F.linear(x.flatten(1), self.weight.flatten(1))[:, :, None, None]
+        else:
+            y = F.conv2d(x, self.weight, None, padding=self.padding)
+        return torch.add(self.bias[:, None, None], y, alpha=self.scale)
 
     def extra_repr(self) -> str:
         o, i, k, _ = self.weight.shape

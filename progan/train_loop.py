@@ -30,7 +30,7 @@ from progan.losses import make_loss
 from progan.networks import Discriminator, Generator, set_trainable
 from progan.samples import fixed_latents, sample_name, write_sample_grid
 from progan.schedule import Phase, build_phases, phase_at, worker_batch
-from progan.training_step import fade_reals, make_optimizer, train_step
+from progan.training_step import fade_reals, make_optimizer, memory_format, train_step
 
 STAT_KEYS = ("loss_d", "loss_g", "grad_penalty", "score_real", "score_fake")
 STOP_FILE = "STOP"  # `touch RUN_DIR/STOP`: the run saves a checkpoint and ends cleanly
@@ -110,8 +110,8 @@ class _Trainer:
         self.phases = build_phases(self.cfg)
         self.total_images = round(self.phases[-1].end_kimg * 1000)
         self.G, self.D = build_networks(self.cfg)
-        self.G.to(self.device)
-        self.D.to(self.device)
+        for net in (self.G, self.D):
+            net.to(self.device, memory_format=memory_format(self.cfg.model.channels_last))
         self.G_ema = make_ema(self.G)
         self.loss = make_loss(**dataclasses.asdict(self.cfg.loss))
         self.sample_latents = fixed_latents(self.cfg.checkpoint.sample_grid ** 2, self.cfg.model.latent_size)

@@ -73,6 +73,12 @@ def train_step(G, D, D_module: nn.Module, opt_g, opt_d, loss, reals: torch.Tenso
     return stats
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """For `module.to(memory_format=...)`: NHWC conv weights make the activations NHWC too, which
+    oneDNN's CPU convolutions run faster (bench/train_step.py, --nchw for the other)."""
+    return torch.channels_last if channels_last else torch.preserve_format
+
+
 def make_optimizer(module: nn.Module, lr: float, beta1: float, beta2: float, eps: float):
     """Adam over every parameter; frozen ones (other resolutions) get no grad and are skipped.
     The fused kernel (one pass over all parameters instead of about ten element-wise ops per
