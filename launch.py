@@ -182,9 +182,10 @@ def train(cfg: Config, run_dir: Path, shards: Path, train_slot: bool) -> dict:
     from data_pipeline.loader import read_shards
     from progan.trainer import build_trainer
 
+    workers = cfg.cluster.workers or cfg.cluster.nodes
     trainer = build_trainer(cfg, run_dir, read_shards(str(shards), min_epoch_images=cfg.data.min_epoch_images),
-                            cfg.cluster.workers or cfg.cluster.nodes,
-                            train_slot=train_slot)
+                            workers, train_slot=train_slot)
+    print(f"[launch] training: up to {workers} workers", flush=True)
     result = trainer.fit()
     return dict(result.metrics or {})
 
