@@ -351,7 +351,7 @@ class FaceDetector:
     and with them the floating-point results, are the same on every run.
     """
 
-    def __init__(self, settings: FaceSettings, run: str = "pipeline"):
+    def __init__(self, settings: FaceSettings, run: str):
         self.settings = settings
         self.metrics = PipelineMetrics.shared(run)  # results by outcome, for Prometheus
         # Ray sets OMP_NUM_THREADS to the actor's CPUs, which torch follows for its threads.

@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 import platform
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -73,7 +73,7 @@ def prepare(config: PrepareConfig, sources: list[Source] | None = None, show_pro
     settings = face_settings(config)
     plan = make_plan(hash_sources(sources, config.run_name, show_progress), config.shard_size,
                      run_record(config, settings))
-    count_duplicates(plan, config.run_name)
+    count_settled(plan, config.run_name)
     progress = ShardProgress(output, plan.fingerprint, fresh=config.overwrite)
     todo = [shard for shard in plan.shards if not progress.is_done(shard.index)]
     with ProgressBar(len(sources), show_progress) as bar:
@@ -133,12 +133,9 @@ def hash_sources(sources: list[Source], run: str, show_progress: bool) -> list[H
 
 
 def hash_batch(batch: dict, run: str) -> dict[str, list]:
-    """Reads and hashes photos; the metrics count them as read, and the unreadable and empty
-    ones by outcome (settled here, before detection)."""
+    """Reads and hashes photos, counting them as read for the metrics."""
     rows = [hash_one(source) for sources in batch["sources"] for source in sources]
-    metrics = PipelineMetrics.shared(run)
-    metrics.count("read", len(rows))
-    metrics.count(UNREADABLE, sum(1 for row in rows if row["error"] or not row["size"]))
+    PipelineMetrics.shared(run).count("read", len(rows))
     return {column: [row[column] for row in rows] for column in rows[0]}
 
 
@@ -177,9 +174,12 @@ def make_plan(hashed: list[Hashed], shard_size: int, record: dict) -> Plan:
     return Plan(shards, settled, fingerprint)
 
 
-def count_duplicates(plan: Plan, run: str) -> None:
-    """Duplicates are only known here, on the driver, once every photo is hashed."""
-    PipelineMetrics.shared(run).count(DUPLICATE, sum(1 for o in plan.settled if o.status == DUPLICATE))
+def count_settled(plan: Plan, run: str) -> None:
+    """The outcomes settled before detection, for the metrics: here, on the driver, because
+    duplicates are only known once every photo is hashed."""
+    metrics = PipelineMetrics.shared(run)
+    for status, n in Counter(outcome.status for outcome in plan.settled).items():
+        metrics.count(status, n)
 
 
 def settle_before_detection(hashed: list[Hashed]) -> tuple[list[Outcome], list[Hashed]]:

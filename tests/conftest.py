@@ -33,17 +33,27 @@ def cluster(request):
         yield local
 
 
+def copy_test_photos(faces_dir: Path, dest: Path) -> Path:
+    """64 real aligned photos into dest, the same ones for every test that makes shards."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in sorted((faces_dir / "aligned").glob("*.jpg"))[32:96]:
+        shutil.copy(path, dest)
+    return dest
+
+
+def make_shards(photos: Path, out: Path, address: str, *extra_args: str) -> Path:
+    """16x16 shards of `photos` by the data pipeline's CLI, on the cluster at `address`."""
+    subprocess.run([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", str(out),
+                    "--resolution", "16", "--shard-size", "16", "--address", address, *extra_args],
+                   check=True, cwd=REPO, timeout=600)
+    return out
+
+
 @pytest.fixture(scope="module")
 def shards(cluster, faces_dir, tmp_path_factory):
     """16x16 face shards made by the data pipeline, on the module's cluster, from 64 real photos."""
-    photos = tmp_path_factory.mktemp("photos")
-    for path in sorted((faces_dir / "aligned").glob("*.jpg"))[32:96]:
-        shutil.copy(path, photos)
-    out = tmp_path_factory.mktemp("shards") / "faces16"
-    subprocess.run([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", str(out),
-                    "--resolution", "16", "--shard-size", "16", "--address", cluster.cluster.address],
-                   check=True, cwd=REPO, timeout=600)
-    return out
+    photos = copy_test_photos(faces_dir, tmp_path_factory.mktemp("photos"))
+    return make_shards(photos, tmp_path_factory.mktemp("shards") / "faces16", cluster.cluster.address)
 
 
 def read_jsonl(path: Path) -> list[dict]:

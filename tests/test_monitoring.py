@@ -22,7 +22,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -35,7 +34,7 @@ from monitoring import dashboard as dash
 from monitoring import metrics as M
 from monitoring.prometheus import DISCOVERY_FILE, free_port, render_config, start_prometheus
 
-from conftest import read_jsonl, tiny_config
+from conftest import copy_test_photos, make_shards, read_jsonl, tiny_config
 from data_pipeline.manifest import COUNT_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,17 +252,11 @@ def _run_pipeline(cluster, faces_dir: Path, work: Path) -> dict:
     returns its manifest. Its shards feed the training."""
     import json
 
-    photos = work / "photos"
-    photos.mkdir()
-    for path in sorted((faces_dir / "aligned").glob("*.jpg"))[32:96]:
-        shutil.copy(path, photos)
+    photos = copy_test_photos(faces_dir, work / "photos")
     (photos / "empty.jpg").write_bytes(b"")
     (photos / "notes.jpg").write_text("not a photo")
     shutil.copy(sorted(photos.glob("0*.jpg"))[0], photos / "copy.jpg")
-    out = work / "faces16"
-    subprocess.run([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", str(out),
-                    "--resolution", "16", "--shard-size", "16", "--address", cluster.cluster.address,
-                    "--run-name", RUN, "--quiet"], check=True, cwd=REPO, timeout=600)
+    out = make_shards(photos, work / "faces16", cluster.cluster.address, "--run-name", RUN, "--quiet")
     return json.loads((out / "manifest.json").read_text()) | {"path": out}
 
 
@@ -375,8 +368,9 @@ def _gauges_visible_from(training: _Training) -> float | None:
 
 @pytest.fixture(scope="module")
 def cluster(request):
-    """This module's cluster (instead of conftest's): the dashboard writes the Prometheus discovery file, metrics are exported every 2 s, and
-    the dashboard's and autoscaler's exporters take free ports, so every target is this cluster's."""
+    """This module's cluster (instead of conftest's): the dashboard writes the Prometheus
+    discovery file, metrics are exported every 2 s, and the dashboard's and autoscaler's
+    exporters take free ports, so every target is this cluster's."""
     if PROMETHEUS is None:
         pytest.skip("no prometheus binary (apt-get install prometheus; .ci/run installs it)")
     from ray.cloudpickle import register_pickle_by_value
