@@ -179,12 +179,10 @@ def prometheus(cfg: Config, args: argparse.Namespace, run_dir: Path):
 
 
 def train(cfg: Config, run_dir: Path, shards: Path, train_slot: bool) -> dict:
-    from data_pipeline.loader import read_shards
     from progan.trainer import build_trainer
 
     workers = cfg.cluster.workers or cfg.cluster.nodes
-    trainer = build_trainer(cfg, run_dir, read_shards(str(shards), min_epoch_images=cfg.data.min_epoch_images),
-                            workers, train_slot=train_slot)
+    trainer = build_trainer(cfg, run_dir, shards, workers, train_slot=train_slot)
     print(f"[launch] training: up to {workers} workers", flush=True)
     result = trainer.fit()
     return dict(result.metrics or {})

@@ -2,17 +2,17 @@
 
     python -m bench.loader --shards DIR --resolution 64 --batch 16 --json [--seconds 20] [--steps 2]
 
-loader_images_per_s: images per second that data_pipeline.loader delivers to one consumer,
-read_shards(DIR) -> ds.iterator() (what a rank gets from get_dataset_shard) -> iterate_batches
-(shuffle buffer, average-pool to --resolution, mirroring), on a local Ray instance with this
-machine's CPUs, epoch after epoch for --seconds. The first batch (Ray's start-up) is not counted;
-the start of every later epoch is, as in training.
+loader_images_per_s: images per second that data_pipeline.loader delivers to one training worker
+(rank 0 of 1): FaceStream(DIR) -> BatchReader.next_batch (webdataset read, shuffle buffer,
+PNG/JPEG decode, average-pool to --resolution, mirroring), as the training loop draws them, for
+--seconds, pass after pass; --loader-workers decodes in that many DataLoader processes. The first
+batch (the shuffle buffer's first fill) is not counted.
 
 train_step_images_per_s: images per second one training step consumes at that resolution and
 batch: progan.training_step.train_step (WGAN-GP, Adam) on the paper's networks (Generator() and
 Discriminator() at their defaults, the layers above --resolution frozen as in training), median
-of --steps timed steps after one warm-up, with torch using every core. Measured after the loader,
-with Ray shut down, so the two do not compete.
+of --steps timed steps after one warm-up, with torch using every core. Measured after the loader, so
+the two do not compete.
 
 ratio = loader / train step: how many such workers one loader stream could feed.
 """
@@ -24,11 +24,9 @@ import os
 import statistics
 import time
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray's import: loopback only
+import torch
 
-import torch  # noqa: E402
-
-from data_pipeline.loader import iterate_batches, read_shards, stored_resolution  # noqa: E402
+from data_pipeline.loader import BatchReader, FaceStream, count_images, stored_resolution
 
 SHUFFLE_BUFFER = 256
 
@@ -40,25 +38,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to pull batches")
     parser.add_argument("--steps", type=int, default=2, help="timed training steps (after one warm-up)")
+    parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes (data.loader_workers)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     return parser.parse_args(argv)
 
 
-def loader_rate(shards: str, resolution: int, batch: int, seconds: float) -> tuple[float, int, int]:
-    """images per second, images counted, epochs begun."""
-    from data_pipeline.runtime import ray_session
-
-    with ray_session():
-        iterator = read_shards(shards).iterator()
-        images, epoch, started = 0, 0, None
-        while started is None or time.perf_counter() - started < seconds:
-            for batch_images in iterate_batches(iterator, batch, resolution, True, SHUFFLE_BUFFER, seed=epoch):
-                if started is None:
-                    started = time.perf_counter()
-                    continue
-                images += batch_images.shape[0]
-            epoch += 1
-        return images / (time.perf_counter() - started), images, epoch
+def loader_rate(shards: str, resolution: int, batch: int, seconds: float, workers: int) -> tuple[float, int, float]:
+    """images per second, images counted, passes over the shards."""
+    reader = BatchReader(FaceStream(shards, rank=0, world_size=1, seed=0, shuffle_buffer=SHUFFLE_BUFFER),
+                         mirror=True, seed=0, loader_workers=workers)
+    reader.next_batch(batch, resolution)
+    images, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        images += reader.next_batch(batch, resolution).shape[0]
+    return images / (time.perf_counter() - started), images, images / count_images(shards)
 
 
 def train_step_rate(resolution: int, batch: int, steps: int) -> tuple[float, float]:
@@ -85,7 +78,8 @@ def train_step_rate(resolution: int, batch: int, steps: int) -> tuple[float, flo
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    loader_per_s, images, epochs = loader_rate(args.shards, args.resolution, args.batch, args.seconds)
+    loader_per_s, images, passes = loader_rate(args.shards, args.resolution, args.batch, args.seconds,
+                                               args.loader_workers)
     step_per_s, step_s = train_step_rate(args.resolution, args.batch, args.steps)
     result = {
         "bench": "loader",
@@ -94,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": args.batch,
         "loader_images_per_s": round(loader_per_s, 1),
         "loader_images": images,
-        "loader_epochs": epochs,
+        "loader_passes": round(passes, 1),
+        "loader_workers": args.loader_workers,
         "train_step_images_per_s": round(step_per_s, 2),
         "train_step_s": round(step_s, 3),
         "torch_threads": torch.get_num_threads(),

@@ -73,8 +73,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print one JSON line (the default)")
     args = p.parse_args()
     from cluster.local import LocalCluster
-    from data_pipeline.loader import read_shards
-    from progan.trainer import build_trainer
+        from progan.trainer import build_trainer
 
     cfg = load_config("configs/demo.yaml", [
         "model.max_resolution=16", "schedule.start_resolution=16", "schedule.total_kimg=1000",
@@ -84,7 +83,7 @@ def main() -> None:
     with LocalCluster(3, include_dashboard=False) as local, tempfile.TemporaryDirectory() as root:
         run_dir = Path(root) / "recovery"
         run_dir.mkdir()
-        run = BackgroundRun(build_trainer(cfg, run_dir, read_shards(args.shards, cfg.data.min_epoch_images),
+        run = BackgroundRun(build_trainer(cfg, run_dir, args.shards,
                                           workers=3, train_slot=True), run_dir)
         run.wait_for(lambda e: e["event"] == "checkpoint")
         killed = time.time()

@@ -1,50 +1,53 @@
-"""Face shards -> training batches, through Ray Data.
+"""Face shards -> training batches, read with webdataset inside each training worker.
 
-How the data reaches the ranks: the trainer passes `read_shards(dir)` as
-`TorchTrainer(datasets={"train": ds})`, and each rank iterates
-`ray.train.get_dataset_shard("train")`. Ray Train splits the stream with
-`streaming_split(world_size, equal=True)`: the ranks get disjoint shares of equal size (at most
-world_size - 1 images are dropped), so every rank runs the same number of steps and DDP never
-waits on a rank that ran dry; after an elastic restart the split simply follows the new world
-size. webdataset's own node splitting (split_by_node) assigns whole shards to ranks instead: the
-shares are unequal whenever the shard count does not divide evenly (or shards differ in size),
-it needs at least one shard per rank, and the rank bookkeeping would be ours to redo on every
-resize. Ray Data also decodes on its own CPU workers, away from the training step.
+Why webdataset's own reader and not Ray Train's dataset ingest (`TorchTrainer(datasets=...)`,
+which this project used first): on the 2-core test machine, `launch.py --nodes 4` spent about
+30 CPU-seconds and 30 s of wall time in Ray Data's SplitCoordinator, stats actor, read tasks and
+block-splitting tasks (each a new Python process) before the first batch arrived, and a 16x16
+step then waited on data for 20% of its time. Read in the worker, the first batch is there at
+once and the wait is the time to decode a few PNGs. For large images, `loader_workers` decodes in
+DataLoader processes beside the training step.
+
+How the ranks share the data, without talking to each other: the manifest gives every shard's
+sample count, so each rank can compute its share without reading anything. Every pass lays the
+shards out in an order shuffled by (seed, pass), the same on every rank, and rank r takes the
+positions [r * share, (r + 1) * share) of that order with share = images // world_size. So in
+one pass the ranks' images are disjoint and equally many (at most world_size - 1 left out), each
+rank opens only the shards its range covers, and after an elastic restart the ranges simply
+follow the new world size. The stream never ends (pass follows pass, the image count decides
+when training stops), so no rank runs dry before another and DDP never waits on an epoch's end.
 """
 from __future__ import annotations
 
+import functools
+import itertools
+import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import ray
 import torch
 import torch.nn.functional as F
+import webdataset as wds
 
 from data_pipeline.manifest import require_manifest
 
-IMAGE_COLUMN = "image"
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """`take` samples of one shard after skipping its first `skip`."""
+    url: str
+    skip: int
+    take: int
 
 
-def read_shards(shard_dir: str, min_epoch_images: int = 0) -> ray.data.Dataset:
-    """The faces as a dataset with one column, "image": uint8 HxWx3 at the stored resolution.
-
-    With `min_epoch_images`, a small dataset lists its shards several times so that one pass
-    holds at least that many images: every pass restarts Ray Data's streaming split (about half
-    a second), which would dominate training on a few hundred photos. Training counts images
-    seen, not epochs, so a longer pass changes nothing else.
-
-    Raises ValueError when shard_dir holds no complete manifest.json.
-    """
+def shard_list(shard_dir: str) -> list[tuple[str, int]]:
+    """(path, samples) for every shard in the manifest. Raises ValueError without a complete one."""
     manifest = require_manifest(shard_dir)
-    image_format = manifest["image_format"]
-    paths = [str(Path(shard_dir) / shard["file"]) for shard in manifest["shards"]]
-    if not paths:
+    shards = [(str(Path(shard_dir) / s["file"]), int(s["samples"])) for s in manifest["shards"] if s["samples"]]
+    if not shards:
         raise ValueError(f"{shard_dir} holds no faces (its manifest lists no shards)")
-    images = sum(shard["samples"] for shard in manifest["shards"])
-    paths *= max(1, -(-min_epoch_images // max(images, 1)))
-    dataset = ray.data.read_webdataset(paths, suffixes=[image_format])
-    # Only the image: the string columns (__key__, __url__) break iter_torch_batches.
-    return dataset.select_columns([image_format]).rename_columns({image_format: IMAGE_COLUMN})
+    return shards
 
 
 def stored_resolution(shard_dir: str) -> int:
@@ -52,37 +55,81 @@ def stored_resolution(shard_dir: str) -> int:
 
 
 def count_images(shard_dir: str) -> int:
-    return sum(shard["samples"] for shard in require_manifest(shard_dir)["shards"])
+    return sum(samples for _, samples in shard_list(shard_dir))
 
 
-def iterate_batches(
-    data_iterator: ray.data.DataIterator,
-    batch_size: int,
-    resolution: int,
-    mirror: bool,
-    shuffle_buffer: int,
-    seed: int,
-    device: str | torch.device = "cpu",
-) -> Iterator[torch.Tensor]:
-    """One epoch of float32 NCHW batches in [-1, 1], exactly batch_size images each.
+def rank_slices(shards: list[tuple[str, int]], rank: int, world_size: int, pass_index: int,
+                seed: int) -> list[ShardSlice]:
+    """The parts of the shards that are this rank's in this pass (see the module's docstring)."""
+    share = sum(samples for _, samples in shards) // world_size
+    if share == 0:
+        raise ValueError(f"{len(shards)} shards hold fewer images than the {world_size} training workers")
+    order = list(shards)
+    random.Random(f"{seed}/{pass_index}").shuffle(order)
+    begin, end = rank * share, (rank + 1) * share
+    slices, position = [], 0
+    for url, samples in order:
+        low, high = max(begin, position), min(end, position + samples)
+        if low < high:
+            slices.append(ShardSlice(url, low - position, high - low))
+        position += samples
+    return slices
 
-    The last partial batch is dropped so that all ranks take the same number of steps.
-    Images are shuffled within a buffer of shuffle_buffer rows, average-pooled from the stored
-    resolution down to `resolution`, and (mirror=True) flipped left-right with probability 0.5.
-    """
-    flips = torch.Generator().manual_seed(seed)
-    batches = data_iterator.iter_torch_batches(
-        batch_size=batch_size,
-        drop_last=True,
-        local_shuffle_buffer_size=shuffle_buffer or None,
-        local_shuffle_seed=seed,
-        device=device,
-    )
-    for batch in batches:
-        images = to_training_range(batch[IMAGE_COLUMN], resolution)
-        if mirror:
-            images = mirror_randomly(images, flips)
-        yield images
+
+class FaceStream(torch.utils.data.IterableDataset):
+    """One rank's endless stream of faces: uint8 HxWx3 tensors at the stored resolution, pass
+    after pass, shuffled within a buffer of `shuffle_buffer` images. Iterated by a DataLoader
+    with workers, each worker decodes every n-th image of the rank's share."""
+
+    def __init__(self, shard_dir: str, rank: int, world_size: int, seed: int, shuffle_buffer: int,
+                 first_pass: int = 0):
+        self.shards = shard_list(shard_dir)
+        self.image_format = require_manifest(shard_dir)["image_format"]
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer, self.first_pass = shuffle_buffer, first_pass
+        rank_slices(self.shards, rank, world_size, first_pass, seed)  # too few images fails here, not in a worker
+
+    def _pass_samples(self, pass_index: int, worker: int, workers: int) -> Iterator[dict]:
+        """This rank's encoded samples of one pass; with DataLoader workers, every n-th of them."""
+        position = 0
+        for part in rank_slices(self.shards, self.rank, self.world_size, pass_index, self.seed):
+            samples = wds.tarfile_to_samples()([{"url": part.url}])
+            for sample in itertools.islice(samples, part.skip, part.skip + part.take):
+                if position % workers == worker:
+                    yield sample
+                position += 1
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(f"{self.seed}/{self.first_pass}/{self.rank}/{worker}")
+        for pass_index in itertools.count(self.first_pass):
+            # shuffled within the pass, so a pass ends before the next begins (no image twice in a
+            # pass); yields after a few hundred images (a quick first batch), then fills the buffer
+            pipeline = wds.DataPipeline(functools.partial(self._pass_samples, pass_index, worker, workers),
+                                        wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256), rng=rng),
+                                        wds.decode("rgb8"), wds.to_tuple(self.image_format))
+            for (image,) in pipeline:
+                yield torch.tensor(image)  # a copy: PIL's array is read-only
+
+
+class BatchReader:
+    """Float32 NCHW batches in [-1, 1] from a FaceStream: any batch size and resolution, for as
+    long as the training asks (the batch size and resolution change with the schedule)."""
+
+    def __init__(self, stream: FaceStream, mirror: bool, seed: int, loader_workers: int = 0,
+                 device: str | torch.device = "cpu"):
+        if loader_workers:
+            stream = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=loader_workers,
+                                                 prefetch_factor=64, persistent_workers=True)
+        self.images = iter(stream)
+        self.mirror, self.device = mirror, torch.device(device)
+        self.flips = torch.Generator().manual_seed(seed)
+
+    def next_batch(self, batch_size: int, resolution: int) -> torch.Tensor:
+        images = torch.stack([next(self.images) for _ in range(batch_size)]).to(self.device)
+        images = to_training_range(images, resolution)
+        return mirror_randomly(images, self.flips) if self.mirror else images
 
 
 def to_training_range(images: torch.Tensor, resolution: int) -> torch.Tensor:

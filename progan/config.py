@@ -28,7 +28,7 @@ class DataConfig:
     path: str = ""                 # shards folder (with manifest.json) or a folder of raw photos
     mirror: bool = True            # random horizontal flip, as the official code for CelebA
     shuffle_buffer: int = 2000     # images held for local shuffling on each worker
-    min_epoch_images: int = 2048   # a smaller dataset is repeated within one pass (fewer pass restarts)
+    loader_workers: int = 0        # DataLoader processes decoding beside each training worker (large images)
     seed: int = 0
 
 
@@ -271,7 +271,7 @@ def validate(cfg: Config) -> None:
     _check(0 <= o.ema_beta < 1, "optimizer.ema_beta", o.ema_beta, "0 <= ema_beta < 1")
     _check(o.ema_half_life_kimg >= 0, "optimizer.ema_half_life_kimg", o.ema_half_life_kimg, ">= 0")
     _check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", cfg.data.shuffle_buffer, ">= 1")
-    _check(cfg.data.min_epoch_images >= 0, "data.min_epoch_images", cfg.data.min_epoch_images, ">= 0")
+    _check(cfg.data.loader_workers >= 0, "data.loader_workers", cfg.data.loader_workers, ">= 0")
     c = cfg.cluster
     _check(c.nodes >= 1, "cluster.nodes", c.nodes, ">= 1")
     _check(c.workers >= 0, "cluster.workers", c.workers, ">= 0 (0 = one per node)")

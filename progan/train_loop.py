@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data_pipeline.loader import iterate_batches
+from data_pipeline.loader import BatchReader, FaceStream, count_images
 from monitoring.metrics import AllReduceTimer, TrainingMetrics
 from progan.checkpoint import load_checkpoint, save_checkpoint
 from progan.config import Config, config_from_dict
@@ -100,6 +100,7 @@ class _Trainer:
     def __init__(self, loop_config: dict):
         self.cfg = config_from_dict(loop_config["config"])
         self.run_dir = Path(loop_config["run_dir"])
+        self.shards = loop_config["shards"]
         self.test_hooks = loop_config.get("test_hooks", {})  # failure injection for tests; off by default
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -115,11 +116,12 @@ class _Trainer:
         self.G_ema = make_ema(self.G)
         self.loss = make_loss(**dataclasses.asdict(self.cfg.loss))
         self.sample_latents = fixed_latents(self.cfg.checkpoint.sample_grid ** 2, self.cfg.model.latent_size)
-        self.images_seen, self.step, self.epoch = 0, 0, 0
+        self.images_seen, self.step = 0, 0
         self.phase: Phase | None = None
         self.opt_g = self.opt_d = None
         self.saved_optimizers: dict | None = None
         self._restore()
+        self.batches = self._open_data()
         self._log_workers()
         self.next_checkpoint = self._next_checkpoint_after(self.images_seen)
 
@@ -140,7 +142,7 @@ class _Trainer:
         self.G.load_state_dict(state["generator"])
         self.D.load_state_dict(state["discriminator"])
         self.G_ema.load_state_dict(state["generator_ema"])
-        self.images_seen, self.step, self.epoch = state["images_seen"], state["step"], state["epoch"]
+        self.images_seen, self.step = state["images_seen"], state["step"]
         self.checkpoint_images = self.images_seen
         self._check_repeated_rollbacks()
         self.saved_optimizers = {"phase_index": state["phase_index"], "g": state["opt_g"], "d": state["opt_d"]}
@@ -151,6 +153,15 @@ class _Trainer:
             torch.manual_seed(self.cfg.data.seed * 1000 + 1 + self.rank + self.images_seen)
         self.log.event("resume", world_size=self.world, kimg=self.images_seen / 1000,
                        previous_world_size=len(rng))
+
+    def _open_data(self) -> BatchReader:
+        """This rank's share of the shards, from the pass the images seen so far have reached (a
+        resumed run does not replay the first passes' order)."""
+        d = self.cfg.data
+        first_pass = self.images_seen // count_images(self.shards)
+        stream = FaceStream(self.shards, self.rank, self.world, d.seed, d.shuffle_buffer, first_pass=first_pass)
+        return BatchReader(stream, d.mirror, seed=d.seed * 1000 + self.rank + first_pass,
+                           loader_workers=d.loader_workers, device=self.device)
 
     def _log_workers(self) -> None:
         """Which process on which node holds each rank, in the event log (for operators and tests)."""
@@ -182,7 +193,7 @@ class _Trainer:
             "generator": self.G.state_dict(), "discriminator": self.D.state_dict(),
             "generator_ema": self.G_ema.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-            "images_seen": self.images_seen, "step": self.step, "epoch": self.epoch,
+            "images_seen": self.images_seen, "step": self.step,
             "phase_index": self.phase.index, "resolution": self.phase.resolution,
             "fading": self.phase.fading, "alpha": self.phase.alpha(self.kimg),
             "rng_states": rng_states, "world_size": self.world,
@@ -232,15 +243,12 @@ class _Trainer:
             phase = phase_at(self.phases, self.kimg)
             if self.phase is None or phase.index != self.phase.index:
                 self._enter_phase(phase)
-            self._train_until_epoch_or_phase_end(phase)
+            self._train_until_phase_end(phase)
 
-    def _train_until_epoch_or_phase_end(self, phase: Phase) -> None:
-        batches = 0
-        waiting_since = time.perf_counter()
-        for reals in iterate_batches(ray.train.get_dataset_shard("train"), self.batch, phase.resolution,
-                                     self.cfg.data.mirror, self.cfg.data.shuffle_buffer,
-                                     seed=self.cfg.data.seed + 7919 * self.epoch + self.rank, device=self.device):
-            batches += 1
+    def _train_until_phase_end(self, phase: Phase) -> None:
+        while True:
+            waiting_since = time.perf_counter()
+            reals = self.batches.next_batch(self.batch, phase.resolution)
             self._train_one_step(phase, reals, data_wait=time.perf_counter() - waiting_since)
             phase_done = self.images_seen >= round(phase.end_kimg * 1000)
             if phase_done or self.stop_requested or self.images_seen >= self.next_checkpoint:
@@ -251,11 +259,6 @@ class _Trainer:
                 self.log.event("stopped", reason=f"{STOP_FILE} file in the run folder", kimg=self.kimg)
             if phase_done or self.stopped:
                 return
-            waiting_since = time.perf_counter()
-        self.epoch += 1
-        if batches == 0:
-            raise RuntimeError(f"the dataset gives no full batch of {self.batch} images to rank {self.rank}: "
-                               f"use more images or a smaller schedule.minibatch")
 
     def _train_one_step(self, phase: Phase, reals: torch.Tensor, data_wait: float) -> None:
         started = time.perf_counter()

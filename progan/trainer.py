@@ -12,7 +12,8 @@ from progan.config import Config
 from progan.train_loop import train_loop_per_worker
 
 # A custom resource that launch.py's local nodes carry, one per node: it pins one training
-# worker per node and leaves the node's other CPU to Ray Data (ray-2.60-facts.md).
+# worker per node and leaves the node's other CPU to the data pipeline's Ray Data tasks
+# (ray-2.60-facts.md: with one CPU per node Ray Data's tasks never ran).
 TRAIN_SLOT = "trainslot"
 
 
@@ -35,20 +36,21 @@ def scaling_config(cfg: Config, workers: int, train_slot: bool) -> ScalingConfig
                          placement_strategy="SPREAD", elastic_resize_monitor_interval_s=10.0)
 
 
-def build_trainer(cfg: Config, run_dir: Path, dataset: ray.data.Dataset, workers: int,
+def build_trainer(cfg: Config, run_dir: Path, shards: str | Path, workers: int,
                   train_slot: bool = False, extra_loop_config: dict | None = None) -> TorchTrainer:
     """`run_dir` is storage_path/name, so Ray's checkpoints land in the run folder, and a new
-    trainer on the same folder resumes from its latest checkpoint."""
+    trainer on the same folder resumes from its latest checkpoint. `shards`: a folder of face
+    shards that every node can read (each worker reads its share itself: data_pipeline.loader)."""
     run_dir = Path(run_dir).resolve()
     # read by Ray Train's controller, which inherits the driver's RAY_TRAIN_* variables
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.cluster.worker_start_timeout_s)
     scaling = scaling_config(cfg, workers, train_slot)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), **(extra_loop_config or {})},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "shards": str(Path(shards).resolve()),
+                           **(extra_loop_config or {})},
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        datasets={"train": dataset},
         run_config=RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),

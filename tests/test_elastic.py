@@ -6,7 +6,6 @@ import signal
 import pytest
 
 from bench.recovery import BackgroundRun
-from data_pipeline.loader import read_shards
 from progan.trainer import build_trainer
 
 from conftest import read_jsonl, tiny_config
@@ -16,7 +15,7 @@ CLUSTER_NODES = 3
 
 def start_run(cfg, run_dir, shards, workers, **loop_config) -> BackgroundRun:
     run_dir.mkdir(parents=True)
-    trainer = build_trainer(cfg, run_dir, read_shards(str(shards)), workers=workers, train_slot=True,
+    trainer = build_trainer(cfg, run_dir, shards, workers=workers, train_slot=True,
                             extra_loop_config=loop_config)
     return BackgroundRun(trainer, run_dir)
 

@@ -7,31 +7,23 @@ from __future__ import annotations
 
 import hashlib
 import io
-import threading
+import itertools
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 
-from data_pipeline.loader import count_images, iterate_batches, read_shards, stored_resolution, to_training_range
+from data_pipeline.loader import (BatchReader, FaceStream, count_images, rank_slices, shard_list, stored_resolution,
+                                  to_training_range)
 from data_pipeline.manifest import FORMAT_VERSION, MANIFEST_NAME, write_json
 from data_pipeline.shards import Sample, shard_name, write_shard
 
 STORED = 32
 SHARD_SIZES = [10, 10, 10, 7]  # 37 images: no world size below divides it evenly
 IMAGES = sum(SHARD_SIZES)
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 def square_photo(path: Path, size: int) -> bytes:
@@ -60,7 +52,11 @@ def shard_dir(tmp_path_factory, faces_dir) -> Path:
     return folder
 
 
-def test_jpeg_shards_read_the_same_way(ray_instance, faces_dir, tmp_path):
+def first_images(stream: FaceStream, count: int) -> list[torch.Tensor]:
+    return list(itertools.islice(iter(stream), count))
+
+
+def test_jpeg_shards_read_the_same_way(faces_dir, tmp_path):
     photos = sorted((faces_dir / "aligned").glob("*.jpg"))[:3]
     jpegs = [Image.open(io.BytesIO(square_photo(path, STORED))) for path in photos]
     samples = []
@@ -71,41 +67,43 @@ def test_jpeg_shards_read_the_same_way(ray_instance, faces_dir, tmp_path):
     shard = write_shard(tmp_path / shard_name(0), samples, "jpg")
     write_json(tmp_path / MANIFEST_NAME, {"format_version": FORMAT_VERSION, "resolution": STORED,
                                           "image_format": "jpg", "shards": [asdict(shard)]})
-    rows = read_shards(str(tmp_path)).take_all()
-    assert len(rows) == 3 and all(row["image"].shape == (STORED, STORED, 3) for row in rows)
+    images = first_images(FaceStream(str(tmp_path), 0, 1, seed=0, shuffle_buffer=4), 3)
+    assert all(image.shape == (STORED, STORED, 3) and image.dtype == torch.uint8 for image in images)
 
 
-def fingerprints(batch: torch.Tensor) -> list[str]:
-    return [hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in batch]
+def fingerprints(images) -> list[str]:
+    return [hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in images]
 
 
-def test_a_folder_without_a_complete_manifest_is_refused(ray_instance, shard_dir, tmp_path):
+def test_a_folder_without_a_complete_manifest_is_refused(shard_dir, tmp_path):
     with pytest.raises(ValueError, match="no complete face shards"):
-        read_shards(str(tmp_path))
+        FaceStream(str(tmp_path), 0, 1, seed=0, shuffle_buffer=8)
     (tmp_path / MANIFEST_NAME).write_text((shard_dir / MANIFEST_NAME).read_text())  # shards missing
     with pytest.raises(ValueError) as refused:
-        read_shards(str(tmp_path))
+        FaceStream(str(tmp_path), 0, 1, seed=0, shuffle_buffer=8)
     assert "\n" not in str(refused.value)
 
 
-def test_the_dataset_has_one_uint8_image_column_at_the_stored_resolution(ray_instance, shard_dir):
-    dataset = read_shards(str(shard_dir))
-    assert dataset.columns() == ["image"]
-    row = dataset.take(1)[0]
-    assert row["image"].shape == (STORED, STORED, 3) and row["image"].dtype == np.uint8
-    assert dataset.count() == count_images(str(shard_dir)) == IMAGES
-    assert stored_resolution(str(shard_dir)) == STORED
+def test_more_workers_than_images_is_refused_in_one_line(shard_dir):
+    with pytest.raises(ValueError, match="fewer images than the 38 training workers"):
+        FaceStream(str(shard_dir), 0, 38, seed=0, shuffle_buffer=8)
 
 
-def test_batches_are_full_float_nchw_in_range_at_the_requested_resolution(ray_instance, shard_dir):
-    batches = list(iterate_batches(read_shards(str(shard_dir)).iterator(), batch_size=8, resolution=8,
-                                   mirror=True, shuffle_buffer=16, seed=0))
-    assert len(batches) == IMAGES // 8  # the partial last batch is dropped
-    for batch in batches:
-        assert batch.shape == (8, 3, 8, 8) and batch.dtype == torch.float32
+def test_the_stream_gives_uint8_images_at_the_stored_resolution(shard_dir):
+    images = first_images(FaceStream(str(shard_dir), 0, 1, seed=0, shuffle_buffer=8), 2 * IMAGES + 5)
+    assert all(image.shape == (STORED, STORED, 3) and image.dtype == torch.uint8 for image in images)
+    assert count_images(str(shard_dir)) == IMAGES and stored_resolution(str(shard_dir)) == STORED
+    passes = [images[:IMAGES], images[IMAGES:2 * IMAGES]]
+    assert [len(set(fingerprints(p))) for p in passes] == [IMAGES, IMAGES]  # each pass: every image once
+    assert fingerprints(passes[0]) != fingerprints(passes[1])  # in a new order
+
+
+def test_batches_are_full_float_nchw_in_range_at_any_size_and_resolution(shard_dir):
+    reader = BatchReader(FaceStream(str(shard_dir), 0, 1, seed=0, shuffle_buffer=16), mirror=True, seed=0)
+    for batch_size, resolution in [(8, 8)] * 6 + [(5, 32), (16, 4)]:  # 109 images: three passes
+        batch = reader.next_batch(batch_size, resolution)
+        assert batch.shape == (batch_size, 3, resolution, resolution) and batch.dtype == torch.float32
         assert -1 <= batch.min() and batch.max() <= 1 and batch.std() > 0.1
-
-
 def test_pooling_averages_blocks_of_the_stored_pixels():
     images = torch.randint(0, 256, (2, STORED, STORED, 3), dtype=torch.uint8)
     pooled = to_training_range(images, 8)
@@ -116,11 +114,11 @@ def test_pooling_averages_blocks_of_the_stored_pixels():
         to_training_range(images, 64)
 
 
-def test_mirroring_flips_about_half_of_the_images(ray_instance, faces_dir):
-    image = np.array(Image.open(io.BytesIO(square_photo(faces_dir / "aligned" / "000001.jpg", STORED))))
-    dataset = ray.data.from_items([{"image": image}] * 64)
-    batches = torch.cat(list(iterate_batches(dataset.iterator(), 16, STORED, mirror=True, shuffle_buffer=0, seed=3)))
-    plain = to_training_range(torch.from_numpy(image)[None], STORED)
+def test_mirroring_flips_about_half_of_the_images(faces_dir):
+    image = torch.from_numpy(np.array(Image.open(io.BytesIO(square_photo(faces_dir / "aligned" / "000001.jpg", STORED)))))
+    reader = BatchReader([image] * 64, mirror=True, seed=3)
+    batches = torch.cat([reader.next_batch(16, STORED) for _ in range(4)])
+    plain = to_training_range(image[None], STORED)
     flipped = batches.eq(plain.flip(3)).flatten(1).all(1)
     unchanged = batches.eq(plain).flatten(1).all(1)
     assert bool((flipped ^ unchanged).all())
@@ -128,21 +126,24 @@ def test_mirroring_flips_about_half_of_the_images(ray_instance, faces_dir):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_ranks_get_disjoint_equal_shares(ray_instance, shard_dir, world_size):
-    """As TorchTrainer(datasets={"train": read_shards(...)}) splits it: consumed concurrently."""
-    iterators = read_shards(str(shard_dir)).streaming_split(world_size, equal=True)
-    seen: list[list[str]] = [[] for _ in iterators]
+def test_ranks_get_disjoint_equal_shares_in_every_pass(shard_dir, world_size):
+    share = IMAGES // world_size
+    for pass_index in (0, 1):  # the ranks' slices change from pass to pass
+        seen = [fingerprints(first_images(FaceStream(str(shard_dir), rank, world_size, seed=5, shuffle_buffer=8,
+                                                     first_pass=pass_index), share))
+                for rank in range(world_size)]
+        everything = [image for images in seen for image in images]
+        assert len(set(everything)) == len(everything) == share * world_size  # none on two ranks, none twice
+    slices = [rank_slices(shard_list(str(shard_dir)), rank, world_size, 0, seed=5) for rank in range(world_size)]
+    assert [sum(part.take for part in parts) for parts in slices] == [share] * world_size
 
-    def consume(rank: int) -> None:
-        for batch in iterate_batches(iterators[rank], batch_size=1, resolution=STORED, mirror=False,
-                                     shuffle_buffer=8, seed=rank):
-            seen[rank] += fingerprints(batch)
 
-    threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert [len(images) for images in seen] == [IMAGES // world_size] * world_size
-    everything = [image for images in seen for image in images]
-    assert len(set(everything)) == len(everything)  # no image on two ranks, none twice
+def test_loader_workers_deliver_the_same_share(shard_dir):
+    """Two DataLoader processes decode alternate images of rank 1's share (of 2)."""
+    share = IMAGES // 2
+    inline = FaceStream(str(shard_dir), 1, 2, seed=0, shuffle_buffer=4)
+    reader = BatchReader(FaceStream(str(shard_dir), 1, 2, seed=0, shuffle_buffer=4), mirror=False, seed=0,
+                         loader_workers=2)
+    parallel = [reader.next_batch(1, STORED)[0] for _ in range(share)]
+    as_uint8 = [image.add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous() for image in parallel]
+    assert sorted(fingerprints(as_uint8)) == sorted(fingerprints(first_images(inline, share)))

@@ -49,10 +49,8 @@ SCRAPE_INTERVAL_S = float(yaml.safe_load((REPO / "monitoring" / "prometheus.yml"
                           ["global"]["scrape_interval"].rstrip("s"))
 # tiny_config's 16x16 network: 4x4 until kimg 0.128, 8x8 (fade-in, stabilise) until 0.384, then
 # 16x16 until total_kimg, far beyond what the test waits for: it ends the run with the STOP file.
-# A pass of 256 images (the shards repeated) covers a phase: fewer Ray Data pass restarts than with
-# the 60 faces alone, and less reading ahead than with the default 8192.
 TRAINING_OVERRIDES = ("schedule.total_kimg=200", "cluster.max_failures=2", "checkpoint.every_kimg=0.064",
-                      "monitoring.log_every_steps=2", "data.min_epoch_images=256")
+                      "monitoring.log_every_steps=2")
 NAN_AT_KIMG = 0.08        # one NaN two steps after the first checkpoint (kimg 0.064), still at 4x4
 GAUGE_WINDOW_S = 4        # gauges checked for gaps over at least this long after the restart
 # Ray Train for this module: no Train state actor (LocalCluster turns it on with a dashboard; one
@@ -266,9 +264,6 @@ class _Training:
     line), `.join()` waits."""
 
     def __init__(self, run_dir: Path, shards: Path):
-        import ray.data
-
-        from data_pipeline.loader import read_shards
         from progan.train_loop import STOP_FILE
         from progan.trainer import build_trainer
 
@@ -277,14 +272,7 @@ class _Training:
         self.run_dir, self.stop_file = run_dir, run_dir / STOP_FILE
         self.error: BaseException | None = None
         self.result = None
-        # no Ray Data progress bars in the logs (the dataset keeps a copy of the context)
-        data_context = ray.data.DataContext.get_current()
-        progress_bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False
-        try:
-            dataset = read_shards(str(shards), min_epoch_images=cfg.data.min_epoch_images)
-        finally:
-            data_context.enable_progress_bars = progress_bars
-        self.trainer = build_trainer(cfg, run_dir, dataset, workers=WORKERS, train_slot=True,
+        self.trainer = build_trainer(cfg, run_dir, shards, workers=WORKERS, train_slot=True,
                                      extra_loop_config={"test_hooks": {"nan_at_kimg": NAN_AT_KIMG}})
         self.thread = threading.Thread(target=self._fit, daemon=True)
         self.thread.start()
