@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print one JSON line (the default)")
     args = p.parse_args()
     from cluster.local import LocalCluster
-        from progan.trainer import build_trainer
+    from progan.trainer import build_trainer
 
     cfg = load_config("configs/demo.yaml", [
         "model.max_resolution=16", "schedule.start_resolution=16", "schedule.total_kimg=1000",
