@@ -28,10 +28,11 @@ TOTAL_IMAGES = 640  # five phases of 128 images: 4 stable, 8 fade, 8 stable, 16 
 @pytest.fixture(scope="module")
 def interrupted_then_resumed(cluster, shards, tmp_path_factory):
     """A run that fails right after its mid-fade-in checkpoint at 0.192 kimg, then a second
-    trainer on the same run folder, which resumes from that checkpoint."""
+    trainer on the same run folder, which resumes from that checkpoint. (The other Ray tests
+    decode in the training process, data.loader_workers=0.)"""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     run_dir.mkdir()
-    cfg = tiny_config()
+    cfg = tiny_config("data.loader_workers=1")  # decoding in a DataLoader process, inside a Ray worker
     first = build_trainer(cfg, run_dir, shards, workers=2, train_slot=True,
                           extra_loop_config={"test_hooks": {"fail_after_kimg": 0.19}})
     with pytest.raises(ray.train.WorkerGroupError, match="injected failure"):
