@@ -11,7 +11,8 @@ DataLoader processes beside the training step.
 How the ranks share the data, without talking to each other: the manifest gives every shard's
 sample count, so each rank can compute its share without reading anything. Every pass lays the
 shards out in an order shuffled by (seed, pass), the same on every rank, and rank r takes the
-positions [r * share, (r + 1) * share) of that order with share = images // world_size. So in
+positions [o + r * share, o + (r + 1) * share) of that layout, read as a ring, with share =
+images // world_size and o an offset drawn from the same (seed, pass). So in
 one pass the ranks' images are disjoint and equally many (at most world_size - 1 left out), each
 rank opens only the shards its range covers, and after an elastic restart the ranges simply
 follow the new world size. The stream never ends (pass follows pass, the image count decides
@@ -60,15 +61,20 @@ def count_images(shard_dir: str) -> int:
 
 def rank_slices(shards: list[tuple[str, int]], rank: int, world_size: int, pass_index: int,
                 seed: int) -> list[ShardSlice]:
-    """The parts of the shards that are this rank's in this pass (see the module's docstring)."""
-    share = sum(samples for _, samples in shards) // world_size
+    """The parts of the shards that are this rank's in this pass (see the module's docstring).
+    The pass's layout also starts at a random offset (wrapping around), so that even a single
+    shard is dealt out to the ranks differently from pass to pass."""
+    total = sum(samples for _, samples in shards)
+    share = total // world_size
     if share == 0:
         raise ValueError(f"{len(shards)} shards hold fewer images than the {world_size} training workers")
+    rng = random.Random(f"{seed}/{pass_index}")
     order = list(shards)
-    random.Random(f"{seed}/{pass_index}").shuffle(order)
-    begin, end = rank * share, (rank + 1) * share
+    rng.shuffle(order)
+    begin = rng.randrange(total) + rank * share
+    end = begin + share  # < 2 * total: two laps over the layout cover it
     slices, position = [], 0
-    for url, samples in order:
+    for url, samples in order + order:
         low, high = max(begin, position), min(end, position + samples)
         if low < high:
             slices.append(ShardSlice(url, low - position, high - low))

@@ -138,6 +138,16 @@ def test_ranks_get_disjoint_equal_shares_in_every_pass(shard_dir, world_size):
     assert [sum(part.take for part in parts) for parts in slices] == [share] * world_size
 
 
+def test_even_one_shard_is_dealt_out_differently_in_every_pass():
+    shards = [("only.tar", 100)]
+    deals = [[rank_slices(shards, rank, 4, pass_index, seed=0) for rank in range(4)] for pass_index in range(3)]
+    for deal in deals:
+        positions = [part.skip + i for parts in deal for part in parts for i in range(part.take)]
+        assert sorted(positions) == list(range(100))  # every image once: disjoint, equal shares of 25
+        assert [sum(part.take for part in parts) for parts in deal] == [25] * 4
+    assert len({str(deal[0]) for deal in deals}) == 3  # rank 0 gets other images each pass
+
+
 def test_loader_workers_deliver_the_same_share(shard_dir):
     """Two DataLoader processes decode alternate images of rank 1's share (of 2)."""
     share = IMAGES // 2
