@@ -119,6 +119,9 @@ class FaceStream(torch.utils.data.IterableDataset):
                 yield torch.tensor(image)  # a copy: PIL's array is read-only
 
 
+LOADER_CHUNK = 16
+
+
 class BatchReader:
     """Float32 NCHW batches in [-1, 1] from a FaceStream: any batch size and resolution, for as
     long as the training asks (the batch size and resolution change with the schedule)."""
@@ -126,8 +129,11 @@ class BatchReader:
     def __init__(self, stream: FaceStream, mirror: bool, seed: int, loader_workers: int = 0,
                  device: str | torch.device = "cpu"):
         if loader_workers:
-            stream = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=loader_workers,
-                                                 prefetch_factor=64, persistent_workers=True)
+            # the workers hand over stacks of LOADER_CHUNK images: one tensor through shared
+            # memory costs about as much as decoding a small image, so not one per image
+            chunks = torch.utils.data.DataLoader(stream, batch_size=LOADER_CHUNK, num_workers=loader_workers,
+                                                 prefetch_factor=4, persistent_workers=True)
+            stream = (image for chunk in chunks for image in chunk)
         self.images = iter(stream)
         self.mirror, self.device = mirror, torch.device(device)
         self.flips = torch.Generator().manual_seed(seed)

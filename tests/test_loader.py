@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.loader import (BatchReader, FaceStream, count_images, rank_slices, shard_list, stored_resolution,
-                                  to_training_range)
+from data_pipeline.loader import (LOADER_CHUNK, BatchReader, FaceStream, count_images, rank_slices, shard_list,
+                                  stored_resolution, to_training_range)
 from data_pipeline.manifest import FORMAT_VERSION, MANIFEST_NAME, write_json
 from data_pipeline.shards import Sample, shard_name, write_shard
 
@@ -148,12 +148,16 @@ def test_even_one_shard_is_dealt_out_differently_in_every_pass():
     assert len({str(deal[0]) for deal in deals}) == 3  # rank 0 gets other images each pass
 
 
-def test_loader_workers_deliver_the_same_share(shard_dir):
-    """Two DataLoader processes decode alternate images of rank 1's share (of 2)."""
-    share = IMAGES // 2
-    inline = FaceStream(str(shard_dir), 1, 2, seed=0, shuffle_buffer=4)
+def test_loader_workers_deliver_the_same_shares(shard_dir):
+    """Two DataLoader processes decode alternate images of rank 1's share (of 2) and hand them over
+    in chunks of LOADER_CHUNK: over whole chunks that end on pass boundaries (16 passes of 9
+    images each: 144 = 9 chunks per worker), the same images as read in the training process."""
+    share, per_worker = IMAGES // 2, IMAGES // 2 // 2
+    count = 16 * share
+    assert (count // 2) % LOADER_CHUNK == 0 and (count // 2) % per_worker == 0
+    inline = first_images(FaceStream(str(shard_dir), 1, 2, seed=0, shuffle_buffer=4), count)
     reader = BatchReader(FaceStream(str(shard_dir), 1, 2, seed=0, shuffle_buffer=4), mirror=False, seed=0,
                          loader_workers=2)
-    parallel = [reader.next_batch(1, STORED)[0] for _ in range(share)]
+    parallel = reader.next_batch(count, STORED)
     as_uint8 = [image.add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous() for image in parallel]
-    assert sorted(fingerprints(as_uint8)) == sorted(fingerprints(first_images(inline, share)))
+    assert sorted(fingerprints(as_uint8)) == sorted(fingerprints(inline))
