@@ -138,6 +138,11 @@ class BatchReader:
         self.mirror, self.device = mirror, torch.device(device)
         self.flips = torch.Generator().manual_seed(seed)
 
+    def close(self) -> None:
+        """Ends the DataLoader processes now (dropping the last reference shuts them down), not at
+        interpreter exit, where their teardown can crash."""
+        self.images = iter(())
+
     def next_batch(self, batch_size: int, resolution: int) -> torch.Tensor:
         images = torch.stack([next(self.images) for _ in range(batch_size)]).to(self.device)
         images = to_training_range(images, resolution)

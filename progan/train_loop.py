@@ -236,14 +236,17 @@ class _Trainer:
     # ---------------------------------------------------------------- the loop
 
     def run(self) -> None:
-        if self.stopped:
-            return
-        self._reset_window()
-        while self.images_seen < self.total_images and not self.stopped:
-            phase = phase_at(self.phases, self.kimg)
-            if self.phase is None or phase.index != self.phase.index:
-                self._enter_phase(phase)
-            self._train_until_phase_end(phase)
+        try:
+            if self.stopped:
+                return
+            self._reset_window()
+            while self.images_seen < self.total_images and not self.stopped:
+                phase = phase_at(self.phases, self.kimg)
+                if self.phase is None or phase.index != self.phase.index:
+                    self._enter_phase(phase)
+                self._train_until_phase_end(phase)
+        finally:
+            self.batches.close()
 
     def _train_until_phase_end(self, phase: Phase) -> None:
         while True:

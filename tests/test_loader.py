@@ -158,6 +158,9 @@ def test_loader_workers_deliver_the_same_shares(shard_dir):
     inline = first_images(FaceStream(str(shard_dir), 1, 2, seed=0, shuffle_buffer=4), count)
     reader = BatchReader(FaceStream(str(shard_dir), 1, 2, seed=0, shuffle_buffer=4), mirror=False, seed=0,
                          loader_workers=2)
-    parallel = reader.next_batch(count, STORED)
+    try:
+        parallel = reader.next_batch(count, STORED)
+    finally:
+        reader.close()
     as_uint8 = [image.add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous() for image in parallel]
     assert sorted(fingerprints(as_uint8)) == sorted(fingerprints(inline))
