@@ -7,12 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from progan.winograd import winograd_conv3x3, winograd_pays
+
 LRELU_GAIN = math.sqrt(2.0)
 
 
 class EqualizedConv2d(nn.Module):
     """Conv with weights drawn N(0, 1) and scaled at run time by the He constant gain/sqrt(fan_in),
     so Adam's per-parameter step sizes act alike on every layer (paper section 4.1)."""
+
+    # 3x3 convolutions on the CPU by Winograd F(2x2, 3x3) where that is faster (progan/winograd.py);
+    # use_cpu_winograd(module, False) keeps every layer on F.conv2d's direct kernels
+    cpu_winograd = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
                  gain: float = LRELU_GAIN, padding: int | None = None):
@@ -23,6 +29,8 @@ class EqualizedConv2d(nn.Module):
         self.padding = kernel_size // 2 if padding is None else padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_winograd and winograd_pays(x, self.weight, self.padding):
+            return torch.add(self.bias[:, None, None], winograd_conv3x3(x, self.weight, self.scale))
         # conv(x, w * scale) + b, with the scale applied to the output instead: the same maths
         # without a scaled copy of the weight (and its backward) in every call, which at 8x8 and
         # below is a larger tensor than the output
@@ -39,6 +47,13 @@ class EqualizedConv2d(nn.Module):
     def extra_repr(self) -> str:
         o, i, k, _ = self.weight.shape
         return f"{i}, {o}, kernel_size={k}, padding={self.padding}, scale={self.scale:.4g}"
+
+
+def use_cpu_winograd(module: nn.Module, enabled: bool) -> None:
+    """Turns the Winograd path of every EqualizedConv2d in `module` on or off (model.cpu_winograd)."""
+    for layer in module.modules():
+        if isinstance(layer, EqualizedConv2d):
+            layer.cpu_winograd = enabled
 
 
 class EqualizedLinear(nn.Module):
