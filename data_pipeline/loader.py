@@ -42,9 +42,10 @@ class ShardSlice:
     take: int
 
 
-def shard_list(shard_dir: str) -> list[tuple[str, int]]:
-    """(path, samples) for every shard in the manifest. Raises ValueError without a complete one."""
-    manifest = require_manifest(shard_dir)
+def shard_list(shard_dir: str, manifest: dict | None = None) -> list[tuple[str, int]]:
+    """(path, samples) for every shard in the manifest (read from `shard_dir` unless given).
+    Raises ValueError without a complete one."""
+    manifest = manifest or require_manifest(shard_dir)
     shards = [(str(Path(shard_dir) / s["file"]), int(s["samples"])) for s in manifest["shards"] if s["samples"]]
     if not shards:
         raise ValueError(f"{shard_dir} holds no faces (its manifest lists no shards)")
@@ -59,15 +60,20 @@ def count_images(shard_dir: str) -> int:
     return sum(samples for _, samples in shard_list(shard_dir))
 
 
+def share_size(images: int, world_size: int) -> int:
+    """Images per rank and pass; ValueError when some rank would get none."""
+    if images < world_size:
+        raise ValueError(f"the shards hold {images} images, fewer than the {world_size} training workers")
+    return images // world_size
+
+
 def rank_slices(shards: list[tuple[str, int]], rank: int, world_size: int, pass_index: int,
                 seed: int) -> list[ShardSlice]:
     """The parts of the shards that are this rank's in this pass (see the module's docstring).
     The pass's layout also starts at a random offset (wrapping around), so that even a single
     shard is dealt out to the ranks differently from pass to pass."""
     total = sum(samples for _, samples in shards)
-    share = total // world_size
-    if share == 0:
-        raise ValueError(f"{len(shards)} shards hold fewer images than the {world_size} training workers")
+    share = share_size(total, world_size)
     rng = random.Random(f"{seed}/{pass_index}")
     order = list(shards)
     rng.shuffle(order)
@@ -88,12 +94,16 @@ class FaceStream(torch.utils.data.IterableDataset):
     with workers, each worker decodes every n-th image of the rank's share."""
 
     def __init__(self, shard_dir: str, rank: int, world_size: int, seed: int, shuffle_buffer: int,
-                 first_pass: int = 0):
-        self.shards = shard_list(shard_dir)
-        self.image_format = require_manifest(shard_dir)["image_format"]
+                 images_seen: int = 0):
+        """Starts at the pass that `images_seen` (counted over all ranks) has reached, so a resumed
+        run does not replay the first passes' order."""
+        manifest = require_manifest(shard_dir)
+        self.shards = shard_list(shard_dir, manifest)
+        self.image_format = manifest["image_format"]
+        self.images = sum(samples for _, samples in self.shards)
+        share_size(self.images, world_size)  # too few images fails here, not in a DataLoader worker
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.shuffle_buffer, self.first_pass = shuffle_buffer, first_pass
-        rank_slices(self.shards, rank, world_size, first_pass, seed)  # too few images fails here, not in a worker
+        self.shuffle_buffer, self.first_pass = shuffle_buffer, images_seen // self.images
 
     def _pass_samples(self, pass_index: int, worker: int, workers: int) -> Iterator[dict]:
         """This rank's encoded samples of one pass; with DataLoader workers, every n-th of them."""

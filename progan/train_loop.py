@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data_pipeline.loader import BatchReader, FaceStream, count_images
+from data_pipeline.loader import BatchReader, FaceStream
 from monitoring.metrics import AllReduceTimer, TrainingMetrics
 from progan.checkpoint import load_checkpoint, save_checkpoint
 from progan.config import Config, config_from_dict
@@ -160,9 +160,8 @@ class _Trainer:
         """This rank's share of the shards, from the pass the images seen so far have reached (a
         resumed run does not replay the first passes' order)."""
         d = self.cfg.data
-        first_pass = self.images_seen // count_images(self.shards)
-        stream = FaceStream(self.shards, self.rank, self.world, d.seed, d.shuffle_buffer, first_pass=first_pass)
-        return BatchReader(stream, d.mirror, seed=d.seed * 1000 + self.rank + first_pass,
+        stream = FaceStream(self.shards, self.rank, self.world, d.seed, d.shuffle_buffer, images_seen=self.images_seen)
+        return BatchReader(stream, d.mirror, seed=d.seed * 1000 + self.rank + stream.first_pass,
                            loader_workers=d.loader_workers, device=self.device)
 
     def _log_workers(self) -> None:

@@ -85,7 +85,7 @@ def test_a_folder_without_a_complete_manifest_is_refused(shard_dir, tmp_path):
 
 
 def test_more_workers_than_images_is_refused_in_one_line(shard_dir):
-    with pytest.raises(ValueError, match="fewer images than the 38 training workers"):
+    with pytest.raises(ValueError, match=f"hold {IMAGES} images, fewer than the 38 training workers"):
         FaceStream(str(shard_dir), 0, 38, seed=0, shuffle_buffer=8)
 
 
@@ -130,7 +130,7 @@ def test_ranks_get_disjoint_equal_shares_in_every_pass(shard_dir, world_size):
     share = IMAGES // world_size
     for pass_index in (0, 1):  # the ranks' slices change from pass to pass
         seen = [fingerprints(first_images(FaceStream(str(shard_dir), rank, world_size, seed=5, shuffle_buffer=8,
-                                                     first_pass=pass_index), share))
+                                                     images_seen=pass_index * IMAGES), share))
                 for rank in range(world_size)]
         everything = [image for images in seen for image in images]
         assert len(set(everything)) == len(everything) == share * world_size  # none on two ranks, none twice
