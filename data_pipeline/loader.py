@@ -45,7 +45,8 @@ class ShardSlice:
 def shard_list(shard_dir: str, manifest: dict | None = None) -> list[tuple[str, int]]:
     """(path, samples) for every shard in the manifest (read from `shard_dir` unless given).
     Raises ValueError without a complete one."""
-    manifest = manifest or require_manifest(shard_dir)
+    if manifest is None:
+        manifest = require_manifest(shard_dir)
     shards = [(str(Path(shard_dir) / s["file"]), int(s["samples"])) for s in manifest["shards"] if s["samples"]]
     if not shards:
         raise ValueError(f"{shard_dir} holds no faces (its manifest lists no shards)")
