@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
             r.step()
     flops = {r.name: _flops(r.step) for r in runners}
     executed_flops = flops["ours"]
-    flops["ours"] = runners[0].direct_flops()
+    if not args.direct:  # with --direct the count above already is the direct one
+        flops["ours"] = runners[0].direct_flops()
     peak = _PeakConv(device, args.peak_batch)
 
     load_before = os.getloadavg()[0]
