@@ -44,16 +44,26 @@ def _fwd_bwd_seconds(conv, x: torch.Tensor, w: torch.Tensor, repeats: int) -> fl
     return min(medians)
 
 
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        n, c, s = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected batch,channels,size, e.g. 32,512,8") from None
+    if min(n, c, s) < 1 or s % 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive numbers and an even size")
+    return n, c, s
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--shape", nargs="*", default=DEFAULT_SHAPES, help="batch,channels,size")
+    ap.add_argument("--shape", nargs="*", type=_shape, default=[_shape(s) for s in DEFAULT_SHAPES],
+                    help="batch,channels,size (size even)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    for shape in args.shape:
-        n, c, s = (int(v) for v in shape.split(","))
+    for n, c, s in args.shape:
         x = torch.randn(n, c, s, s).contiguous(memory_format=torch.channels_last)
         w = (torch.randn(c, c, 3, 3) * 0.02).contiguous(memory_format=torch.channels_last)
         direct = _fwd_bwd_seconds(lambda a, b: F.conv2d(a, b, padding=1), x, w, args.repeats)
