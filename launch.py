@@ -10,15 +10,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from progan.checkpoint import CheckpointError, load_checkpoint
 from progan.config import Config, ConfigError, load_config, save_config
 
 STOP_FILE = "STOP"  # progan.train_loop.STOP_FILE (not imported: that module loads Ray and torch)
@@ -90,7 +91,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
 
 def check_data(cfg: Config) -> tuple[Path, bool]:
     """(path, is_shards): a shards folder is used as is, a folder of photos goes through the pipeline."""
-    from data_pipeline.loader import stored_resolution
+    from data_pipeline.manifest import stored_resolution
     from data_pipeline.sources import IMAGE_SUFFIXES
 
     path = Path(cfg.data.path)
@@ -108,6 +109,32 @@ def check_data(cfg: Config) -> tuple[Path, bool]:
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
         raise UsageError(f"--data {path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     return path, False
+
+
+def check_resume(cfg: Config, run_dir: Path) -> None:
+    """Refuses a config that the run's latest checkpoint does not fit, before anything starts."""
+    from progan.checkpoint import CheckpointError, load_checkpoint  # imports torch: only a resume pays for it here
+
+    checkpoints = sorted(run_dir.glob("checkpoint_*/checkpoint.pt"))
+    if not checkpoints:
+        return
+    try:
+        load_checkpoint(checkpoints[-1], cfg.to_dict()["model"])
+    except CheckpointError as exc:
+        raise UsageError(str(exc))
+
+
+def preload_trainer() -> None:
+    """Imports the trainer (Ray Train, torch, the training loop: ~5 CPU-seconds) in a thread while
+    the Ray nodes start. Starting nodes is mostly waiting for their processes to register, so the
+    imports cost no time there; after the cluster is up they would delay the first step."""
+    def load() -> None:
+        try:
+            importlib.import_module("progan.trainer")
+        except Exception:
+            pass  # train() imports it again and shows what is wrong
+
+    threading.Thread(target=load, name="preload-trainer", daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -194,12 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, run_dir = resolve_config(args)
         data_path, is_shards = check_data(cfg)
         if args.resume:
-            try:  # refuse an incompatible config before starting anything
-                checkpoints = sorted(run_dir.glob("checkpoint_*/checkpoint.pt"))
-                if checkpoints:
-                    load_checkpoint(checkpoints[-1], cfg.to_dict()["model"])
-            except CheckpointError as exc:
-                raise UsageError(str(exc))
+            check_resume(cfg, run_dir)
     except (ConfigError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -208,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     save_config(cfg, run_dir / "config.yaml")
     print(f"[launch] run folder: {run_dir}", flush=True)
     started = time.time()
+    preload_trainer()
     with ray_cluster(cfg, args.dashboard_port) as (dashboard_url, local):
         if dashboard_url:
             print(f"[launch] Ray dashboard: {dashboard_url}", flush=True)

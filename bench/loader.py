@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from data_pipeline.loader import BatchReader, FaceStream, count_images, stored_resolution
+from data_pipeline.loader import BatchReader, FaceStream, count_images
+from data_pipeline.manifest import stored_resolution
 
 SHUFFLE_BUFFER = 256
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 import socket
 
-from progan.trainer import TRAIN_SLOT
-
 CPUS_PER_NODE = 2
+# A custom resource that these nodes carry, one per node: it pins one training worker per node
+# and leaves the node's other CPU to the data pipeline's Ray Data tasks (ray-2.60-facts.md: with
+# one CPU per node Ray Data's tasks never ran). progan.trainer asks for it; so do cluster/'s
+# configs for real clusters.
+TRAIN_SLOT = "trainslot"
 METRIC_PORT_VARIABLES = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
 
 
@@ -24,11 +27,20 @@ def _free_port() -> int:
 
 
 def _gpus_per_node(nodes: int) -> int:
+    """This machine's GPUs as Ray counts them (NVML, within CUDA_VISIBLE_DEVICES), shared out among
+    the nodes. Ray's own count rather than torch's: importing torch here would hold up the
+    cluster's start by ~3 s on a small CPU."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
     try:
-        import torch
-        return torch.cuda.device_count() // nodes
+        manager = get_accelerator_manager_for_resource("GPU")
+        count = manager.get_current_node_num_accelerators()
+        visible = manager.get_current_process_visible_accelerator_ids()
     except Exception:
         return 0
+    if visible is not None:
+        count = min(count, len(visible))
+    return count // nodes
 
 
 class LocalCluster:
@@ -59,6 +71,9 @@ class LocalCluster:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         # no usage reporting from a local cluster: one actor process less to start (~3 CPU-s)
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Train's preemption watcher polls for cloud nodes being drained; these nodes are processes
+        # here, and its actor would take ~3 CPU-s while the workers start
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if self.include_dashboard:
             os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs in the dashboard
         import ray

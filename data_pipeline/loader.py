@@ -53,10 +53,6 @@ def shard_list(shard_dir: str, manifest: dict | None = None) -> list[tuple[str, 
     return shards
 
 
-def stored_resolution(shard_dir: str) -> int:
-    return int(require_manifest(shard_dir)["resolution"])
-
-
 def count_images(shard_dir: str) -> int:
     return sum(samples for _, samples in shard_list(shard_dir))
 

@@ -101,6 +101,10 @@ def require_manifest(folder: Path | str) -> dict:
     return manifest
 
 
+def stored_resolution(shard_dir: str) -> int:
+    return int(require_manifest(shard_dir)["resolution"])
+
+
 def ensure_writable_folder(folder: str) -> None:
     """Create the output folder if needed and prove we can write there (UserError otherwise)."""
     try:

@@ -8,13 +8,9 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from cluster.local import TRAIN_SLOT
 from progan.config import Config
 from progan.train_loop import train_loop_per_worker
-
-# A custom resource that launch.py's local nodes carry, one per node: it pins one training
-# worker per node and leaves the node's other CPU to the data pipeline's Ray Data tasks
-# (ray-2.60-facts.md: with one CPU per node Ray Data's tasks never ran).
-TRAIN_SLOT = "trainslot"
 
 
 def _use_gpu(cfg: Config) -> bool:

@@ -28,7 +28,7 @@ def _module_constant(path: Path, name: str):
     raise AssertionError(f"{path}: no {name}")
 
 
-TRAIN_SLOT = _module_constant(REPO / "progan" / "trainer.py", "TRAIN_SLOT")
+TRAIN_SLOT = _module_constant(REPO / "cluster" / "local.py", "TRAIN_SLOT")
 
 
 def _pins() -> dict[str, str]:

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from data_pipeline.loader import (LOADER_CHUNK, BatchReader, FaceStream, count_images, rank_slices, shard_list,
-                                  stored_resolution, to_training_range)
-from data_pipeline.manifest import FORMAT_VERSION, MANIFEST_NAME, write_json
+                                  to_training_range)
+from data_pipeline.manifest import FORMAT_VERSION, MANIFEST_NAME, stored_resolution, write_json
 from data_pipeline.shards import Sample, shard_name, write_shard
 
 STORED = 32
