@@ -74,6 +74,10 @@ class LocalCluster:
         # Train's preemption watcher polls for cloud nodes being drained; these nodes are processes
         # here, and its actor would take ~3 CPU-s while the workers start
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # the head prestarts a Python worker per CPU for the first driver, but Train's actors each
+        # start their own process (checked: those two stayed idle), and they would take ~2 CPU-s
+        # just as Train's controller starts
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         if self.include_dashboard:
             os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs in the dashboard
         import ray
