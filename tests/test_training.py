@@ -144,3 +144,16 @@ def test_launch_rejects_wrong_input_in_one_line(args, message, shards, tmp_path)
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_launch_checks_input_and_readies_the_cluster_without_torch_or_ray_train(shards):
+    """What runs before the Ray nodes start stays light: torch and Ray Train (~5 s of imports on
+    this CPU) load in a thread while the nodes start, not before them."""
+    code = ("import sys, launch; from cluster.local import LocalCluster, _gpus_per_node\n"
+            f"args = launch.parse_args(['--data', {str(shards)!r}, '--nodes', '4', 'model.max_resolution=16'])\n"
+            "cfg, run_dir = launch.resolve_config(args); launch.check_data(cfg); _gpus_per_node(4)\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('ray.train'))\n"
+            "print(len(heavy), heavy[:5])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("0 "), proc.stdout
