@@ -63,3 +63,19 @@ def load_checkpoint(path: str | Path, model_config: dict | None = None) -> dict:
                 raise CheckpointError(f"checkpoint {path}: model.{name} is {saved[name]!r} there but "
                                       f"{model_config[name]!r} in the config; they must match to continue")
     return state
+
+
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The checkpoint files of a run folder, newest first (Ray names the folders by time)."""
+    return sorted(Path(run_dir).glob("checkpoint_*/" + FILENAME), reverse=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder (its newest checkpoint), a `checkpoint_*` folder or a checkpoint file -> the file."""
+    path = Path(path)
+    if path.is_dir() and not (path / FILENAME).exists():
+        found = run_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"{path}: no {FILENAME} there, nor in checkpoint_* folders below it")
+        return found[0]
+    return path / FILENAME if path.is_dir() else path
