@@ -17,21 +17,34 @@ one pass the ranks' images are disjoint and equally many (at most world_size - 1
 rank opens only the shards its range covers, and after an elastic restart the ranges simply
 follow the new world size. The stream never ends (pass follows pass, the image count decides
 when training stops), so no rank runs dry before another and DDP never waits on an epoch's end.
+
+What is decoded: only each sample's image member, of the format the manifest names, by PIL's
+decoder for that format alone. webdataset's own decoders are never used: they unpickle members
+named .pyd/.pkl/.pickle and torch.load .pth ones, so a tar dropped into a shards folder could run
+code on every training worker. A sample without a decodable image of the stored size is skipped.
 """
 from __future__ import annotations
 
 import functools
+import io
 import itertools
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
+from PIL import Image
 
 from data_pipeline.manifest import require_manifest
+
+log = logging.getLogger(__name__)
+# The one PIL decoder each stored format may use (Image.open would otherwise try every plugin).
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG"}
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,8 @@ class FaceStream(torch.utils.data.IterableDataset):
         manifest = require_manifest(shard_dir)
         self.shards = shard_list(shard_dir, manifest)
         self.image_format = manifest["image_format"]
+        self.resolution = int(manifest["resolution"])
+        self.skipped = 0  # samples without a decodable image, in this process
         self.images = sum(samples for _, samples in self.shards)
         share_size(self.images, world_size)  # too few images fails here, not in a DataLoader worker
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -121,9 +136,47 @@ class FaceStream(torch.utils.data.IterableDataset):
             # pass); yields after a few hundred images (a quick first batch), then fills the buffer
             pipeline = wds.DataPipeline(functools.partial(self._pass_samples, pass_index, worker, workers),
                                         wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256), rng=rng),
-                                        wds.decode("rgb8"), wds.to_tuple(self.image_format))
-            for (image,) in pipeline:
-                yield torch.tensor(image)  # a copy: PIL's array is read-only
+                                        self._decoded_images)
+            for image in pipeline:
+                yield torch.from_numpy(image)  # the array is a fresh copy: no second one
+
+    def _decoded_images(self, samples: Iterator[dict]) -> Iterator[np.ndarray]:
+        """Each sample's image as a writable uint8 HxWx3 array; samples without one are skipped."""
+        for sample in samples:
+            try:
+                yield decode_image(sample, self.image_format, self.resolution)
+            except BadSample as error:
+                self._skip(sample, str(error))
+
+    def _skip(self, sample: dict, reason: str) -> None:
+        """Counts a skipped sample; only the first one gets a warning line (per process)."""
+        self.skipped += 1
+        if self.skipped == 1:
+            log.warning("skipping shard samples without a decodable %s image, first %s in %s: %s",
+                        self.image_format, sample.get("__key__"), sample.get("__url__"), reason)
+
+
+class BadSample(Exception):
+    """A shard sample the stream skips: it holds no decodable image of the stored size."""
+
+
+def decode_image(sample: dict, image_format: str, resolution: int) -> np.ndarray:
+    """The sample's `image_format` member decoded by PIL's decoder for that format alone, as RGB
+    at resolution x resolution; BadSample (one line) for anything else. Other members are never
+    looked at."""
+    data = sample.get(image_format)
+    if not isinstance(data, bytes):
+        raise BadSample(f"no .{image_format} member")
+    try:
+        with Image.open(io.BytesIO(data), formats=[PIL_FORMATS[image_format]]) as image:
+            size = image.size
+            # the size comes from the header: an image of another size is never decoded
+            pixels = np.array(image.convert("RGB")) if size == (resolution, resolution) else None
+    except Exception as error:  # PIL raises many types for broken data
+        raise BadSample(f"the .{image_format} member does not decode ({type(error).__name__})") from None
+    if pixels is None:
+        raise BadSample(f"the image is {size[0]}x{size[1]}, not {resolution}x{resolution}")
+    return pixels
 
 
 LOADER_CHUNK = 16

@@ -8,12 +8,15 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import logging
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
 from data_pipeline.loader import (LOADER_CHUNK, BatchReader, FaceStream, count_images, rank_slices, shard_list,
@@ -69,6 +72,75 @@ def test_jpeg_shards_read_the_same_way(faces_dir, tmp_path):
                                           "image_format": "jpg", "shards": [asdict(shard)]})
     images = first_images(FaceStream(str(tmp_path), 0, 1, seed=0, shuffle_buffer=4), 3)
     assert all(image.shape == (STORED, STORED, 3) and image.dtype == torch.uint8 for image in images)
+
+
+class CreatesAFileWhenUnpickled:
+    """A pickle that, once loaded, has created `path`: what a hostile shard member would do."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def write_raw_shard(folder: Path, members: list[dict], image_format: str = "png") -> None:
+    """One shard of exactly these tar members (any extensions) and a manifest listing it."""
+    folder.mkdir()
+    with wds.TarWriter(str(folder / shard_name(0)), encoder=False) as writer:
+        for member in members:
+            writer.write(member)
+    shard = {"file": shard_name(0), "samples": len(members), "bytes": (folder / shard_name(0)).stat().st_size}
+    write_json(folder / MANIFEST_NAME, {"format_version": FORMAT_VERSION, "resolution": STORED,
+                                        "image_format": image_format, "shards": [shard]})
+
+
+def real_images(faces_dir: Path, count: int) -> list[bytes]:
+    return [square_photo(path, STORED) for path in sorted((faces_dir / "aligned").glob("*.jpg"))[:count]]
+
+
+def decoded_fingerprints(images: list[bytes]) -> list[str]:
+    return sorted(fingerprints(torch.from_numpy(np.array(Image.open(io.BytesIO(data)))) for data in images))
+
+
+def test_pickle_members_in_a_shard_are_never_unpickled(faces_dir, tmp_path):
+    """A shard with pickle members, one beside a real image and one sample of its own: the stream
+    yields the real images and loads no pickle (loading one would create `marker`)."""
+    marker = tmp_path / "unpickled"
+    hostile = pickle.dumps(CreatesAFileWhenUnpickled(marker))
+    images = real_images(faces_dir, 3)
+    members = [{"__key__": f"{index:040d}", "png": data} for index, data in enumerate(images)]
+    members[0]["pyd"] = hostile
+    members.append({"__key__": "evil", "pyd": hostile, "pkl": hostile, "pickle": hostile})
+    write_raw_shard(tmp_path / "shards", members)
+    try:
+        seen = first_images(FaceStream(str(tmp_path / "shards"), 0, 1, seed=0, shuffle_buffer=4), 3 * len(images))
+    finally:
+        assert not marker.exists(), "a shard member was unpickled"
+    assert sorted(set(fingerprints(seen))) == decoded_fingerprints(images)
+
+
+def test_samples_without_a_decodable_image_are_skipped_with_one_warning(faces_dir, tmp_path, caplog):
+    """No image member, bytes that are no PNG, a JPEG named .png, a PNG of another size."""
+    images = real_images(faces_dir, 3)
+    members = [{"__key__": f"{index:040d}", "png": data} for index, data in enumerate(images)]
+    members += [{"__key__": "no-image", "json": b"{}"}, {"__key__": "broken", "png": b"not a png"},
+                {"__key__": "jpeg-not-png", "png": as_jpeg(images[0])},
+                {"__key__": "too-small", "png": square_photo(sorted((faces_dir / "aligned").glob("*.jpg"))[0], 8)}]
+    write_raw_shard(tmp_path / "shards", members)
+    stream = FaceStream(str(tmp_path / "shards"), 0, 1, seed=0, shuffle_buffer=4)
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.loader"):
+        seen = first_images(stream, 3 * len(images))  # three passes
+    assert sorted(set(fingerprints(seen))) == decoded_fingerprints(images)
+    assert stream.skipped >= 8  # four in each of the first two passes
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+
+
+def as_jpeg(png: bytes) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(buffer, "JPEG")
+    return buffer.getvalue()
 
 
 def fingerprints(images) -> list[str]:
