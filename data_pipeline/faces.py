@@ -124,6 +124,10 @@ def decode_photo(data: bytes, max_side: int) -> Photo:
 
 
 def describe(error: Exception) -> str:
+    """The error in one line for rejects.jsonl. An OSError is told by its reason alone: its full
+    text names the file by its absolute path, which the outputs never hold."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{type(error).__name__}: {error.strerror}"
     return f"{type(error).__name__}: {error}"
 
 

@@ -32,7 +32,7 @@ from data_pipeline.manifest import (
     read_manifest, write_json, write_rejects,
 )
 from data_pipeline.shards import Sample, ShardProgress
-from data_pipeline.sources import Source, content_key, list_sources, read_bytes
+from data_pipeline.sources import Source, content_key, list_sources, read_bytes, recorded_input
 from monitoring.metrics import PipelineMetrics
 
 HASH_BATCH = 64  # photos per hashing call
@@ -281,7 +281,9 @@ def finish(output: Path, plan: Plan, progress: ShardProgress, config: PrepareCon
         "image_format": config.image_format,
         "counts": count_outcomes(outcomes),
         "shards": shards,
-        "config": {"inputs": list(config.inputs), **run_record(config, settings)},
+        # the inputs as the photo names start (see sources.py), not as paths of this machine:
+        # the shards are shared without its folder layout, and they still say what went in
+        "config": {"inputs": [recorded_input(spec) for spec in config.inputs], **run_record(config, settings)},
     }
     write_json(output / MANIFEST_NAME, manifest)
     progress.remove()

@@ -3,16 +3,25 @@
 Listing runs in the driver before Ray starts and touches only names and archive indexes, so a
 missing or empty input fails in a second. Reading bytes happens later, inside Ray Data tasks, so
 every node must see the inputs at the same path (a shared file system on a real cluster).
+
+A photo's name, which the shards, rejects.jsonl and the manifest record, is its path relative to
+the folder that holds its input: `--input /data/celeba` names its photos "celeba/000001.jpg", the
+glob /data/wild/*.jpg "wild/a.jpg" (the glob's fixed part is /data/wild), /data/photos.zip
+"photos.zip!/img/1.jpg". So the outputs say where each face came from without carrying this
+machine's folder layout, and the names stay the same when the photos move.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 import tarfile
 import zipfile
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
 
 from data_pipeline.errors import UserError
 
@@ -28,8 +37,8 @@ MAX_FILE_BYTES = 256 * 1024 * 1024
 class Source:
     """One photo: a plain file, or a member of an archive."""
 
-    name: str  # unique and stable, shown to the user: a path or "archive.zip!/member"
-    path: str  # the file to open
+    name: str  # unique and stable, shown to the user and stored: "input/sub/file.jpg", "archive.zip!/member"
+    path: str  # the file to open (absolute; never stored in the outputs)
     member: str = ""  # archive member name; "" for a plain file
     offset: int = -1  # tar members: where the data starts, for a read without scanning the tar
     length: int = -1  # tar members: the data size
@@ -50,18 +59,40 @@ def check_inputs_exist(inputs: list[str]) -> None:
 
 
 def list_sources(inputs: list[str]) -> list[Source]:
-    """All photos under the inputs, each once, sorted by name (the order is part of the output)."""
-    by_name: dict[str, Source] = {}
+    """All photos under the inputs, each once, sorted by name (the order is part of the output).
+    A file reached through two inputs keeps the name the first one gives it."""
+    by_location: dict[tuple[str, str], Source] = {}
     for spec in inputs:
-        found = [source for path in expand_input(spec) for source in sources_in(path, spec)]
+        found = [source for path in expand_input(spec) for source in sources_in(path, name_root(spec))]
         if not found:
             raise UserError(f"no photos ({' '.join(IMAGE_SUFFIXES)}) found in {spec}")
-        by_name.update((source.name, source) for source in found)
-    return sorted(by_name.values())
+        for source in found:
+            by_location.setdefault((source.path, source.member), source)
+    check_names_unique(by_location.values())
+    return sorted(by_location.values())
+
+
+def check_names_unique(sources: Iterable[Source]) -> None:
+    """UserError when two different photos get one name (inputs of the same name, say
+    /a/photos and /b/photos, both holding x.jpg): names must tell the photos apart."""
+    by_name: dict[str, Source] = {}
+    for source in sources:
+        other = by_name.setdefault(source.name, source)
+        if other is not source:
+            raise UserError(f"two photos would both be named {source.name} ({location(other)} and {location(source)}): "
+                            f"their inputs have the same name; rename one of them")
+
+
+def location(source: Source) -> str:
+    return f"{source.path}!/{source.member}" if source.member else source.path
+
+
+def is_glob(spec: str) -> bool:
+    return any(character in spec for character in GLOB_CHARACTERS)
 
 
 def expand_input(spec: str) -> list[str]:
-    if any(character in spec for character in GLOB_CHARACTERS):
+    if is_glob(spec):
         matches = sorted(glob.glob(spec, recursive=True))
         if not matches:
             raise UserError(f"no files match {spec}")
@@ -71,13 +102,37 @@ def expand_input(spec: str) -> list[str]:
     return [os.path.abspath(spec)]
 
 
-def sources_in(path: str, spec: str) -> list[Source]:
+def fixed_base(spec: str) -> str:
+    """The input as an absolute path, cut before its first part with a glob character."""
+    parts = Path(os.path.abspath(spec)).parts
+    fixed = list(itertools.takewhile(lambda part: not is_glob(part), parts))
+    return str(Path(*fixed)) if fixed else os.sep
+
+
+def name_root(spec: str) -> str:
+    """The folder the input's photo names are relative to: the one holding the input (a glob's
+    fixed base), so that every name starts with the input's own name."""
+    return os.path.dirname(fixed_base(spec))
+
+
+def recorded_input(spec: str) -> str:
+    """The input as the manifest records it: relative to its name root, like the photo names
+    (so "celeba", "wild/*.jpg", "photos.zip"), never an absolute path of this machine."""
+    return relative_name(os.path.abspath(spec), name_root(spec))
+
+
+def relative_name(path: str, root: str) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def sources_in(path: str, root: str) -> list[Source]:
+    """The photos at `path` (a folder, archive or photo), named relative to `root`."""
     if os.path.isdir(path):
-        return [Source(name=file, path=file) for file in image_files_under(path)]
+        return [Source(name=relative_name(file, root), path=file) for file in image_files_under(path)]
     if has_suffix(path, ARCHIVE_SUFFIXES):
-        return archive_members(path, spec)
+        return archive_members(path, relative_name(path, root))
     if has_suffix(path, IMAGE_SUFFIXES):
-        return [Source(name=path, path=path)]
+        return [Source(name=relative_name(path, root), path=path)]
     return []
 
 
@@ -89,29 +144,30 @@ def image_files_under(folder: str) -> list[str]:
     return files
 
 
-def archive_members(path: str, spec: str) -> list[Source]:
+def archive_members(path: str, name: str) -> list[Source]:
+    """The archive's photos, named "<name>!/<member>"."""
     try:
         if has_suffix(path, (".zip",)):
-            return zip_members(path)
-        return tar_members(path)
+            return zip_members(path, name)
+        return tar_members(path, name)
     except (OSError, zipfile.BadZipFile, tarfile.TarError) as error:
-        raise UserError(f"cannot read archive {spec}: {error}") from None
+        raise UserError(f"cannot read archive {path}: {error}") from None
 
 
-def zip_members(path: str) -> list[Source]:
+def zip_members(path: str, name: str) -> list[Source]:
     with zipfile.ZipFile(path) as archive:
         return [
-            Source(name=f"{path}!/{info.filename}", path=path, member=info.filename)
+            Source(name=f"{name}!/{info.filename}", path=path, member=info.filename)
             for info in archive.infolist()
             if not info.is_dir() and has_suffix(info.filename, IMAGE_SUFFIXES)
         ]
 
 
-def tar_members(path: str) -> list[Source]:
+def tar_members(path: str, name: str) -> list[Source]:
     # Mode "r:" (no compression) on purpose: only a plain tar lets a task seek to one member.
     with tarfile.open(path, "r:") as archive:
         return [
-            Source(name=f"{path}!/{info.name}", path=path, member=info.name, offset=info.offset_data, length=info.size)
+            Source(name=f"{name}!/{info.name}", path=path, member=info.name, offset=info.offset_data, length=info.size)
             for info in archive.getmembers()
             if info.isfile() and has_suffix(info.name, IMAGE_SUFFIXES)
         ]

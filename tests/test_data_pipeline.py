@@ -26,10 +26,12 @@ from facenet_pytorch import MTCNN
 from PIL import Image
 
 from data_pipeline.config import PrepareConfig
-from data_pipeline.faces import Detection, Rejected, crop_square, pick_face
+from data_pipeline.errors import UserError
+from data_pipeline.faces import Detection, Rejected, crop_square, describe, pick_face
 from data_pipeline.manifest import BELOW_THRESHOLD, NO_FACE, read_manifest
 from data_pipeline.prepare import prepare
 from data_pipeline.shards import WORK_DIR_NAME
+from data_pipeline.sources import list_sources
 
 REPO = Path(__file__).resolve().parents[1]
 RESOLUTION = 64
@@ -124,7 +126,7 @@ def prepared(ray_instance, inputs) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def samples(prepared) -> dict[str, dict]:
-    """Every stored sample by its source's name relative to the input root."""
+    """Every stored sample by its source's name (relative to the folder holding its input)."""
     output, manifest = prepared
     urls = [str(output / shard["file"]) for shard in manifest["shards"]]
     by_source = {}
@@ -132,15 +134,8 @@ def samples(prepared) -> dict[str, dict]:
         record = json.loads(sample["json"])
         image = Image.open(io.BytesIO(sample["png"]))
         image.load()
-        by_source[relative_name(record["source"], output.parent)] = {"key": sample["__key__"], "image": image, "record": record}
+        by_source[record["source"]] = {"key": sample["__key__"], "image": image, "record": record}
     return by_source
-
-
-def relative_name(source: str, root: Path) -> str:
-    if "!/" in source:
-        archive, member = source.split("!/", 1)
-        return f"{Path(archive).name}!/{member}"
-    return os.path.relpath(source, root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +171,7 @@ def test_keys_are_the_sha1_of_the_source_content(inputs, samples):
 def test_bad_files_are_counted_and_listed_with_their_reason(prepared):
     output, _ = prepared
     rejects = [json.loads(line) for line in (output / "rejects.jsonl").read_text().splitlines()]
-    assert {relative_name(r["path"], output.parent): r["reason"] for r in rejects} == EXPECTED_REJECTS
+    assert {r["path"]: r["reason"] for r in rejects} == EXPECTED_REJECTS
     assert all(r["detail"] for r in rejects)
 
 
@@ -184,6 +179,34 @@ def test_archives_and_globs_are_read(samples):
     assert {"photos.zip!/zipped/000010.jpg", "photos.zip!/zipped/000011.jpg",
             "photos.tar!/tarred/000012.jpg", "photos.tar!/tarred/000013.jpg"} <= samples.keys()
     assert {f"wild/{name}" for name in WILD} <= samples.keys()
+
+
+def test_outputs_name_photos_without_this_machines_paths(prepared, inputs):
+    """Shard records, rejects.jsonl and the manifest name photos and inputs relative to the folder
+    holding each input, so the shards can be shared without the folder layout they were made in."""
+    output, manifest = prepared
+    root, _ = inputs
+    urls = [str(output / shard["file"]) for shard in manifest["shards"]]
+    records = [sample["json"].decode() for sample in wds.WebDataset(urls, shardshuffle=False)]
+    texts = {"manifest": (output / "manifest.json").read_text(), "rejects": (output / "rejects.jsonl").read_text(),
+             **{f"record {n}": record for n, record in enumerate(records)}}
+    assert len(records) == EXPECTED_COUNTS["faces_kept"]
+    assert [name for name, text in texts.items() if str(root) in text] == []
+    assert manifest["config"]["inputs"] == ["in", "wild/*.jpg", "photos.zip", "photos.tar"]
+
+
+def test_photo_names_are_unique_and_relative_to_the_folder_holding_the_input(tmp_path):
+    for name in ["a/photos/x.jpg", "a/photos/sub/y.jpg", "b/photos/x.jpg"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"not read when listing")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert [s.name for s in list_sources([str(a / "photos")])] == ["photos/sub/y.jpg", "photos/x.jpg"]
+    assert [s.name for s in list_sources([str(a / "photos" / "*" / "*.jpg")])] == ["photos/sub/y.jpg"]
+    # one file reached through two inputs: listed once, under the name the first input gives it
+    assert [s.name for s in list_sources([str(a), str(a / "photos" / "sub")])] == ["a/photos/sub/y.jpg", "a/photos/x.jpg"]
+    with pytest.raises(UserError, match="two photos would both be named photos/x.jpg"):
+        list_sources([str(a / "photos"), str(b / "photos")])
+    assert str(tmp_path) not in describe(FileNotFoundError(2, "No such file or directory", str(a / "x.jpg")))
 
 
 @pytest.fixture(scope="module")
