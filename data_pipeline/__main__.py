@@ -7,8 +7,10 @@
 PATH: a folder (searched recursively for .jpg .jpeg .png .webp .bmp), a glob, or a .zip/.tar of
 photos. Arguments, inputs and the output folder are checked before Ray starts: a mistake costs
 one line on stderr and exit code 2. An output with a complete manifest.json is left alone unless
---overwrite; an interrupted run is resumed by running the same command again. Photos read and
-their outcomes go to Prometheus through Ray's metrics export, labelled run=NAME (monitoring/).
+--overwrite, and refused (exit code 2) if it was made at another --resolution, --format,
+--shard-size, --min-prob or --margin; an interrupted run is resumed by running the same command
+again. Photos read and their outcomes go to Prometheus through Ray's metrics export, labelled
+run=NAME (monitoring/).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 
 from data_pipeline.config import IMAGE_FORMATS, PrepareConfig
 from data_pipeline.errors import UserError
-from data_pipeline.manifest import ensure_writable_folder, read_manifest
+from data_pipeline.manifest import check_same_settings, ensure_writable_folder, read_manifest
 from data_pipeline.sources import check_inputs_exist, list_sources
 
 PROG = "python -m data_pipeline"
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_writable_folder(config.output)
         finished = None if config.overwrite else read_manifest(config.output)
         if finished is not None:
+            check_same_settings(finished, config, config.output)  # other settings: refused, not "done"
             print(f"{config.output} is already complete ({finished['counts']['faces_kept']} faces in "
                   f"{len(finished['shards'])} shards): nothing to do (--overwrite redoes it)")
             return 0

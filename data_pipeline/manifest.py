@@ -94,6 +94,34 @@ def read_manifest(folder: Path | str) -> dict | None:
     return manifest
 
 
+# The settings that shape the shards, as PrepareConfig and the manifest's "config" name them,
+# and the command-line flag of each (for messages).
+SHARD_SETTINGS = {
+    "resolution": "--resolution",
+    "image_format": "--format",
+    "shard_size": "--shard-size",
+    "min_prob": "--min-prob",
+    "margin": "--margin",
+}
+
+
+def changed_settings(manifest: dict, config: object) -> list[str]:
+    """"--flag old -> new" for each shard-shaping setting of `config` (a PrepareConfig) that
+    differs from the one the manifest records; a setting the manifest lacks is not compared."""
+    recorded = manifest.get("config") or {}
+    return [f"{flag} {recorded[name]} -> {getattr(config, name)}" for name, flag in SHARD_SETTINGS.items()
+            if name in recorded and recorded[name] != getattr(config, name)]
+
+
+def check_same_settings(manifest: dict, config: object, folder: Path | str) -> None:
+    """UserError when the complete output in `folder` was made with other settings: reporting
+    it as done would leave shards that are not the ones asked for."""
+    changes = changed_settings(manifest, config)
+    if changes:
+        raise UserError(f"{folder} is already complete with other settings ({', '.join(changes)}): "
+                        f"--overwrite rebuilds it, or give another --output")
+
+
 def require_manifest(folder: Path | str) -> dict:
     manifest = read_manifest(folder)
     if manifest is None:

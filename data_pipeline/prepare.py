@@ -28,8 +28,8 @@ from tqdm import tqdm
 from data_pipeline.config import PrepareConfig
 from data_pipeline.faces import DETECT_BATCH, FaceDetector, FaceSettings, PhotoResult, describe
 from data_pipeline.manifest import (
-    DUPLICATE, FORMAT_VERSION, KEPT, MANIFEST_NAME, UNREADABLE, Outcome, count_outcomes,
-    read_manifest, write_json, write_rejects,
+    DUPLICATE, FORMAT_VERSION, KEPT, MANIFEST_NAME, UNREADABLE, Outcome, check_same_settings,
+    count_outcomes, read_manifest, write_json, write_rejects,
 )
 from data_pipeline.shards import Sample, ShardProgress
 from data_pipeline.sources import Source, content_key, list_sources, read_bytes, recorded_input
@@ -68,6 +68,7 @@ def prepare(config: PrepareConfig, sources: list[Source] | None = None, show_pro
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     if not config.overwrite and (finished := read_manifest(output)) is not None:
+        check_same_settings(finished, config, output)
         return finished
     sources = list_sources(list(config.inputs)) if sources is None else sources
     settings = face_settings(config)

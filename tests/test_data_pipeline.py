@@ -287,6 +287,19 @@ def test_rerun_of_a_complete_output_is_a_quick_no_op(prepared, inputs):
     assert {path.name: path.stat().st_mtime_ns for path in output.iterdir()} == before
 
 
+def test_rerun_at_other_settings_is_refused_in_one_line(prepared, inputs):
+    output, _ = prepared
+    before = {path.name: path.stat().st_mtime_ns for path in output.iterdir()}
+    args = cli_args(inputs[1], output)
+    args[args.index("--resolution") + 1] = str(2 * RESOLUTION)
+    result = run_cli(*args, "--margin", "0.5")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"--resolution {RESOLUTION} -> {2 * RESOLUTION}, --margin 0.4 -> 0.5" in result.stderr
+    assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
+    assert {path.name: path.stat().st_mtime_ns for path in output.iterdir()} == before
+
+
 def test_killed_run_resumes_to_the_same_shards(prepared, inputs):
     clean_output, clean_manifest = prepared
     root, specs = inputs
