@@ -21,7 +21,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).numpy()
 
 
-def grid_image(images: torch.Tensor, columns: int) -> Image.Image:
+def grid_image(images: torch.Tensor, columns: int, min_tile: int = MIN_TILE) -> Image.Image:
+    """NCHW floats in [-1, 1] -> one image, `columns` tiles a row; tiles smaller than `min_tile`
+    pixels are enlarged by a whole factor (nearest neighbour); min_tile=1 keeps the pixels as they are."""
     pixels = to_uint8(images)
     n, h, w, c = pixels.shape
     rows = -(-n // columns)
@@ -30,7 +32,7 @@ def grid_image(images: torch.Tensor, columns: int) -> Image.Image:
         r, col = divmod(i, columns)
         canvas[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
     grid = Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas)
-    scale = max(1, MIN_TILE // h)
+    scale = max(1, min_tile // h)
     return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST) if scale > 1 else grid
 
 
