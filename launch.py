@@ -14,17 +14,23 @@ import importlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from cluster.local import keep_ray_on_loopback
 from progan.config import Config, ConfigError, load_config, save_config
 
 STOP_FILE = "STOP"  # progan.train_loop.STOP_FILE (not imported: that module loads Ray and torch)
 
-DEFAULT_CONFIG = "configs/demo.yaml"
+PROJECT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = PROJECT / "configs" / "demo.yaml"  # and its data.path: the project's, from any folder
+# How a run is executed rather than what it learns: on --resume these follow the command line and
+# the given config freely; every other value stays the run's own unless --override-config.
+RUNTIME_FIELDS = ("cluster.", "monitoring.", "data.path", "data.loader_workers")
 
 
 class UsageError(Exception):
@@ -36,9 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.add_argument("--nodes", type=int, default=None, help="local Ray nodes to start (default: cluster.nodes)")
     p.add_argument("--address", default=None, help="join a running cluster: 'auto' or HOST:PORT")
-    p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG}, or the run's own on --resume)")
+    p.add_argument("--config", default=None, help="YAML config (default: the project's configs/demo.yaml, or the run's own on --resume)")
     p.add_argument("--data", default=None, help="shards folder (with manifest.json) or a folder of raw photos")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--override-config", action="store_true",
+                   help="on --resume: apply config values that differ from the run's own (default: list them, keep the run's)")
     p.add_argument("--run-name", default=None, help="name of the run folder under checkpoint.run_root")
     p.add_argument("--workers", type=int, default=None, help="training workers (default: one per node)")
     p.add_argument("--min-nodes", type=int, default=None,
@@ -57,9 +65,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise UsageError(f"--resume {run_dir}: not a run folder (no config.yaml)")
-        cfg = load_config(args.config or run_dir / "config.yaml", overrides)
+        cfg = resume_config(run_dir, args.config, overrides, args.override_config)
     else:
         cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+        data_given = args.data is not None or any(o.startswith("data.path=") for o in overrides)
+        if args.config is None and not data_given and not Path(cfg.data.path).is_absolute():
+            cfg.data.path = str(PROJECT / cfg.data.path)  # the demo photos that ship with the project
         name = args.run_name or time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.checkpoint.run_root) / name
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -89,6 +100,92 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
     return cfg, run_dir.resolve()
 
 
+def flat_items(tree: dict, prefix: str = "") -> dict:
+    items = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            items.update(flat_items(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+def resume_config(run_dir: Path, config: str | None, overrides: list[str], override: bool) -> Config:
+    """The run's own config on --resume. Values that the given config or overrides change are
+    listed one per line, and applied only with --override-config; the runtime fields (cluster,
+    monitoring, where the data is) follow the command line either way."""
+    own = load_config(run_dir / "config.yaml")
+    asked = load_config(config or run_dir / "config.yaml", overrides)
+    before, after = flat_items(own.to_dict()), flat_items(asked.to_dict())
+    changed = [key for key in after if before.get(key) != after[key] and not key.startswith(RUNTIME_FIELDS)]
+    for key in changed:
+        verdict = "applied" if override else "not applied (add --override-config to apply it)"
+        print(f"[launch] --resume: {key} is {before.get(key)!r} in the run, {after[key]!r} asked: {verdict}",
+              file=sys.stderr, flush=True)
+    if override or not changed:
+        return asked
+    own.cluster, own.monitoring = asked.cluster, asked.monitoring
+    own.data.path, own.data.loader_workers = asked.data.path, asked.data.loader_workers
+    return own
+
+
+def check_port(flag: str, port: int | None) -> None:
+    """A port the run will listen on: in range and free on 127.0.0.1, before anything starts."""
+    if port is None:
+        return
+    if not 1 <= port <= 65535:
+        raise UsageError(f"{flag}: got {port}, allowed: 1..65535")
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise UsageError(f"{flag} {port}: cannot listen there ({exc.strerror or exc}); pick another port")
+
+
+def check_address(address: str) -> None:
+    """A cluster to join must answer at HOST:PORT within seconds (Ray itself would wait minutes)."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address}: expected 'auto' or HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise UsageError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
+                         f"start one with `ray start --head`, or leave out --address for a local one")
+
+
+def make_run_folder(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"run folder {run_dir}: cannot write there ({exc.strerror or exc}); "
+                         f"set checkpoint.run_root to a writable folder")
+
+
+def check_face_count(cfg: Config, shards: Path) -> None:
+    """Every training worker needs faces: too few stop here, in one line, not in restarting workers."""
+    from data_pipeline.manifest import require_manifest
+
+    manifest = require_manifest(shards)
+    faces = sum(shard["samples"] for shard in manifest["shards"])
+    workers = cfg.cluster.workers or cfg.cluster.nodes
+    if faces >= workers:
+        return
+    counts = manifest["counts"]
+    rejected = ", ".join(f"{name} {n}" for name, n in counts.items() if name not in ("files_seen", "faces_kept") and n)
+    found = f"{faces} faces in {counts['files_seen']} files ({rejected or 'no rejects'})"
+    if faces == 0:
+        raise UsageError(f"--data {cfg.data.path}: no usable face: {found}; give photos that each show a face "
+                         f"(why each file was left out: {shards / 'rejects.jsonl'})")
+    raise UsageError(f"--data {cfg.data.path}: {found}, fewer than the {workers} training workers; "
+                     f"add photos or pass --workers {faces}")
+
+
 def check_data(cfg: Config) -> tuple[Path, bool]:
     """(path, is_shards): a shards folder is used as is, a folder of photos goes through the pipeline."""
     from data_pipeline.manifest import stored_resolution
@@ -105,6 +202,7 @@ def check_data(cfg: Config) -> tuple[Path, bool]:
         if stored < cfg.model.max_resolution:
             raise UsageError(f"--data {path}: shards hold {stored}x{stored} images but model.max_resolution is "
                              f"{cfg.model.max_resolution}; make shards at >= {cfg.model.max_resolution} or lower it")
+        check_face_count(cfg, path)
         return path, True
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
         raise UsageError(f"--data {path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
@@ -112,16 +210,22 @@ def check_data(cfg: Config) -> tuple[Path, bool]:
 
 
 def check_resume(cfg: Config, run_dir: Path) -> None:
-    """Refuses a config that the run's latest checkpoint does not fit, before anything starts."""
-    from progan.checkpoint import CheckpointError, load_checkpoint  # imports torch: only a resume pays for it here
+    """Refuses a config that the run's checkpoints do not fit, before anything starts, and says
+    which older checkpoint the run continues from when the newest does not load (the training
+    loop makes the same choice and records it in events.jsonl)."""
+    # imports torch: only a resume pays for it here
+    from progan.checkpoint import CheckpointError, load_usable_checkpoint, run_checkpoints
 
-    checkpoints = sorted(run_dir.glob("checkpoint_*/checkpoint.pt"))
+    checkpoints = run_checkpoints(run_dir)
     if not checkpoints:
         return
     try:
-        load_checkpoint(checkpoints[-1], cfg.to_dict()["model"])
+        state, used, skipped = load_usable_checkpoint(checkpoints[0].parent, run_dir, cfg.to_dict()["model"])
     except CheckpointError as exc:
         raise UsageError(str(exc))
+    for reason in skipped:
+        print(f"[launch] {reason}; resuming from the older {used.name} (kimg {state['images_seen'] / 1000:.3f})",
+              file=sys.stderr, flush=True)
 
 
 def preload_trainer() -> None:
@@ -143,7 +247,10 @@ def ray_cluster(cfg: Config, dashboard_port: int):
     import ray
 
     if cfg.cluster.address:
-        context = ray.init(address=cfg.cluster.address, logging_level="WARNING")
+        try:
+            context = ray.init(address=cfg.cluster.address, logging_level="WARNING")
+        except ConnectionError as exc:
+            raise UsageError(f"--address {cfg.cluster.address}: {str(exc).splitlines()[0]}")
         try:
             yield (f"http://{context.dashboard_url}" if context.dashboard_url else ""), False
         finally:
@@ -171,12 +278,13 @@ def prepare_shards(cfg: Config, photos: Path, run_dir: Path) -> Path:
     status = subprocess.run([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", str(cache),
                              "--resolution", str(cfg.model.max_resolution), "--address", address,
                              "--run-name", run_dir.name],  # its metrics carry the run's label
-                            cwd=Path(__file__).resolve().parent).returncode
+                            cwd=PROJECT).returncode
     if status:
         raise UsageError(f"the data pipeline stopped (exit status {status}) on {photos}")
     link = run_dir / "data"
-    if not link.is_symlink():
-        link.symlink_to(cache, target_is_directory=True)
+    if not link.is_symlink():  # relative, so that runs and their shards can move together
+        link.symlink_to(os.path.relpath(cache, run_dir), target_is_directory=True)
+    check_face_count(cfg, cache)
     return cache
 
 
@@ -215,33 +323,46 @@ def train(cfg: Config, run_dir: Path, shards: Path, train_slot: bool) -> dict:
     return dict(result.metrics or {})
 
 
+def check_before_start(args: argparse.Namespace) -> tuple[Config, Path, Path, bool]:
+    """Everything that can be checked before Ray starts; UsageError/ConfigError in one line."""
+    cfg, run_dir = resolve_config(args)
+    data_path, is_shards = check_data(cfg)
+    if args.resume:
+        check_resume(cfg, run_dir)
+    if cfg.cluster.address:
+        check_address(cfg.cluster.address)
+    else:
+        check_port("--dashboard-port", args.dashboard_port)
+    check_port("--prometheus-port", args.prometheus_port)
+    make_run_folder(run_dir)
+    return cfg, run_dir, data_path, is_shards
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg, run_dir = resolve_config(args)
-        data_path, is_shards = check_data(cfg)
-        if args.resume:
-            check_resume(cfg, run_dir)
+        cfg, run_dir, data_path, is_shards = check_before_start(args)
     except (ConfigError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.cluster.address or cfg.cluster.address.startswith(("127.", "localhost")):
+        keep_ray_on_loopback()  # before the preload thread or anything else imports Ray
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the attempt it stopped
     save_config(cfg, run_dir / "config.yaml")
     print(f"[launch] run folder: {run_dir}", flush=True)
     started = time.time()
     preload_trainer()
-    with ray_cluster(cfg, args.dashboard_port) as (dashboard_url, local):
-        if dashboard_url:
-            print(f"[launch] Ray dashboard: {dashboard_url}", flush=True)
-        print(f"[launch] Ray ready after {time.time() - started:.1f} s", flush=True)
-        try:
+    try:
+        with ray_cluster(cfg, args.dashboard_port) as (dashboard_url, local):
+            if dashboard_url:
+                print(f"[launch] Ray dashboard: {dashboard_url}", flush=True)
+            print(f"[launch] Ray ready after {time.time() - started:.1f} s", flush=True)
             shards = data_path if is_shards else prepare_shards(cfg, data_path, run_dir)
-        except UsageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        with prometheus(cfg, args, run_dir):
-            metrics = train(cfg, run_dir, shards, train_slot=local)
+            with prometheus(cfg, args, run_dir):
+                metrics = train(cfg, run_dir, shards, train_slot=local)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     grids = sorted((run_dir / "samples").glob("*.png"), key=os.path.getmtime)
     print(f"[launch] done: {json.dumps({k: v for k, v in metrics.items() if k != 'sample_grid'})}")
     if grids:
@@ -249,10 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     events = run_dir / "events.jsonl"
     stops = [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []
     stops = [e for e in stops if e["event"] == "stopped"]
-    if stops:
+    if stops and stops[-1].get("requested"):
         print(f"[launch] the run stopped early: {stops[-1]['reason']}; continue it with --resume {run_dir}",
               file=sys.stderr)
-        return 1 if "non-finite" in stops[-1]["reason"] else 0
+    elif stops:
+        print(f"error: training stopped: {stops[-1]['reason']}", file=sys.stderr)
+        return 1
     return 0
 
 

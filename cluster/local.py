@@ -18,6 +18,15 @@ CPUS_PER_NODE = 2
 # configs for real clusters.
 TRAIN_SLOT = "trainslot"
 METRIC_PORT_VARIABLES = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
+LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_ray_on_loopback() -> None:
+    """Makes every Ray process started from here bind and advertise 127.0.0.1 only. Ray reads the
+    variable once, when it is first imported: call this before anything imports ray (launch.py
+    does it first thing; a late call would leave gcs_server, the raylets and the agents listening
+    on every interface)."""
+    os.environ[LOOPBACK_VARIABLE] = "0"
 
 
 def _free_port() -> int:
@@ -66,7 +75,7 @@ class LocalCluster:
                 "resources": {TRAIN_SLOT: 1}}
 
     def start(self) -> "LocalCluster":
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        keep_ray_on_loopback()  # effective only if ray is not imported yet: see the function
         # Train's print patch sends each worker print to the driver twice; plain stdout is enough
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         # no usage reporting from a local cluster: one actor process less to start (~3 CPU-s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
 import torch
@@ -20,6 +21,10 @@ SHAPE_FIELDS = ("max_resolution", "latent_size", "fmap_base", "fmap_max", "num_c
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; str() is one line."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint whose networks have other shapes than the config's."""
 
 
 def save_checkpoint(state: dict, directory: str | Path) -> Path:
@@ -52,7 +57,8 @@ def load_checkpoint(path: str | Path, model_config: dict | None = None) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or unsafe content
-        raise CheckpointError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        reason = textwrap.shorten((str(exc).strip().splitlines() or [""])[0], 160, placeholder=" ...")
+        raise CheckpointError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {reason})")
     version = state.get("format_version") if isinstance(state, dict) else None
     if version != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path}: format version {version!r}, this code reads {FORMAT_VERSION}")
@@ -60,7 +66,7 @@ def load_checkpoint(path: str | Path, model_config: dict | None = None) -> dict:
         saved = state["config"]["model"]
         for name in SHAPE_FIELDS:
             if saved[name] != model_config[name]:
-                raise CheckpointError(f"checkpoint {path}: model.{name} is {saved[name]!r} there but "
+                raise CheckpointMismatch(f"checkpoint {path}: model.{name} is {saved[name]!r} there but "
                                       f"{model_config[name]!r} in the config; they must match to continue")
     return state
 
@@ -68,6 +74,25 @@ def load_checkpoint(path: str | Path, model_config: dict | None = None) -> dict:
 def run_checkpoints(run_dir: str | Path) -> list[Path]:
     """The checkpoint files of a run folder, newest first (Ray names the folders by time)."""
     return sorted(Path(run_dir).glob("checkpoint_*/" + FILENAME), reverse=True)
+
+
+def load_usable_checkpoint(preferred: str | Path, run_dir: str | Path,
+                           model_config: dict | None = None) -> tuple[dict, Path, list[str]]:
+    """The state of `preferred` (a checkpoint folder), or, when that file does not load (cut short
+    by a crash, damaged on disk), of the newest older checkpoint of the run that does: (state, the
+    folder used, one line per checkpoint passed over). A checkpoint of other network shapes is
+    refused, not passed over; so is a run without any readable checkpoint."""
+    preferred = Path(preferred)
+    older = [path.parent for path in run_checkpoints(run_dir) if path.parent.name < preferred.name]
+    skipped = []
+    for folder in [preferred, *older]:
+        try:
+            return load_checkpoint(folder, model_config), folder, skipped
+        except CheckpointMismatch:
+            raise
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+    raise CheckpointError(f"no checkpoint of {run_dir} loads; the newest: {skipped[0]}")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

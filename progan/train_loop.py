@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data_pipeline.loader import BatchReader, FaceStream
 from monitoring.metrics import AllReduceTimer, TrainingMetrics
-from progan.checkpoint import load_checkpoint, save_checkpoint
+from progan.checkpoint import load_usable_checkpoint, save_checkpoint
 from progan.config import Config, config_from_dict
 from progan.ema import ema_beta, make_ema, update_ema
 from progan.layers import use_cpu_winograd
@@ -122,7 +123,10 @@ class _Trainer:
         self.phase: Phase | None = None
         self.opt_g = self.opt_d = None
         self.saved_optimizers: dict | None = None
+        self.batches: BatchReader | None = None
         self._restore()
+        if self.stopped:
+            return
         self.batches = self._open_data()
         self._log_workers()
         self.next_checkpoint = self._next_checkpoint_after(self.images_seen)
@@ -133,6 +137,9 @@ class _Trainer:
         checkpoint = ray.train.get_checkpoint()
         self.resumed, self.stopped, self.checkpoint_images = checkpoint is not None, False, 0
         self.stop_requested = False
+        self._check_repeated_errors()
+        if self.stopped:
+            return
         if checkpoint is None:
             torch.manual_seed(self.cfg.data.seed * 1000 + 1 + self.rank)
             self.log.event("start", world_size=self.world, kimg=0.0)
@@ -140,7 +147,10 @@ class _Trainer:
             return
         self.metrics.count_restart()
         with checkpoint.as_directory() as directory:
-            state = load_checkpoint(directory, model_args(self.cfg))
+            state, used, skipped = load_usable_checkpoint(directory, self.run_dir, model_args(self.cfg))
+        for reason in skipped:  # a checkpoint cut short or damaged: the run goes on from an older one
+            self.log.event("checkpoint_unusable", reason=reason, resumed_from=used.name,
+                           kimg=state["images_seen"] / 1000)
         self.G.load_state_dict(state["generator"])
         self.D.load_state_dict(state["discriminator"])
         self.G_ema.load_state_dict(state["generator_ema"])
@@ -187,6 +197,20 @@ class _Trainer:
             self.stopped = True
             self.log.event("stopped", reason=f"non-finite losses after {self.cfg.checkpoint.max_nan_rollbacks} "
                                              f"rollbacks to the checkpoint at kimg {decision[1]:.3f}")
+
+    def _check_repeated_errors(self) -> None:
+        """A worker that fails twice in a row on the same error (bad data, a bug) would fail on
+        every restart: the attempt after the repeat stops the run with that error instead of
+        spending all of `cluster.max_failures`."""
+        if self.rank == 0:
+            repeated = repeated_error(self.run_dir / "events.jsonl")
+        else:
+            repeated = None
+        decision = [repeated]
+        dist.broadcast_object_list(decision, src=0)
+        if decision[0]:
+            self.stopped = True
+            self.log.event("stopped", reason=f"the same error in two attempts in a row: {decision[0]}")
 
     def _state(self, rng_states: list) -> dict:
         return {
@@ -247,7 +271,8 @@ class _Trainer:
                     self._enter_phase(phase)
                 self._train_until_phase_end(phase)
         finally:
-            self.batches.close()
+            if self.batches is not None:
+                self.batches.close()
 
     def _train_until_phase_end(self, phase: Phase) -> None:
         while True:
@@ -260,7 +285,7 @@ class _Trainer:
                 self._after_checkpoint()
             if self.stop_requested:
                 self.stopped = True
-                self.log.event("stopped", reason=f"{STOP_FILE} file in the run folder", kimg=self.kimg)
+                self.log.event("stopped", reason=f"{STOP_FILE} file in the run folder", kimg=self.kimg, requested=True)
             if phase_done or self.stopped:
                 return
 
@@ -352,13 +377,46 @@ class _Trainer:
             save_checkpoint(self._state(rng_states), tmp)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         self.metrics.observe_checkpoint(time.perf_counter() - started)
-        self.log.event("checkpoint", kimg=self.kimg, sample_grid=str(sample))
+        self.log.event("checkpoint", kimg=self.kimg, sample_grid=str(sample.relative_to(self.run_dir)))
 
     def _after_checkpoint(self) -> None:
         fail_after = self.test_hooks.get("fail_after_kimg")
         if fail_after is not None and not self.resumed and self.kimg >= fail_after:
             raise RuntimeError(f"test hook: injected failure after the checkpoint at kimg {self.kimg:.3f}")
+        error_after = self.test_hooks.get("error_after_kimg")
+        if error_after is not None and self.kimg >= error_after:
+            raise ValueError(f"test hook: the same error on every attempt, at kimg {self.kimg:.3f}")
+
+
+def error_signature(exc: BaseException) -> str:
+    """An error's type and first line, numbers masked: the same fault at another step is the same error."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {re.sub(r'[0-9]+', '#', first)[:300]}"
+
+
+def repeated_error(events_file: Path) -> str | None:
+    """The error that the last two attempts (the runs of the workers between two `start`/`resume`
+    events) both failed with, if any."""
+    events = [json.loads(line) for line in events_file.read_text().splitlines()] if events_file.exists() else []
+    attempts: list[set[str]] = []
+    for event in events:
+        if event["event"] in ("start", "resume"):
+            attempts.append(set())
+        elif event["event"] == "worker_error" and attempts:
+            attempts[-1].add(event["signature"])
+    if len(attempts) < 2:
+        return None
+    same = attempts[-1] & attempts[-2]
+    return min(same) if same else None
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    _Trainer(loop_config).run()
+    try:
+        _Trainer(loop_config).run()
+    except FloatingPointError:
+        raise  # a non-finite loss: rolled back to the last checkpoint, under its own limit
+    except Exception as exc:
+        rank = ray.train.get_context().get_world_rank()
+        _RunLog(Path(loop_config["run_dir"]), True).event("worker_error", rank=rank, error=str(exc).strip()[:2000],
+                                                          signature=error_signature(exc))
+        raise

@@ -1,16 +1,60 @@
 """Builds the Ray Train `TorchTrainer` for a run: scaling, storage, failure and checkpoint policy."""
 from __future__ import annotations
 
+import importlib
 import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _TorchBackend
 
 from cluster.local import TRAIN_SLOT
 from progan.config import Config
 from progan.train_loop import train_loop_per_worker
+
+
+def bind_rendezvous_store_to_master_address() -> None:
+    """torch's rendezvous store (a TCPStore served by rank 0) listens on every interface of its
+    machine, though the workers only ever reach it at MASTER_ADDR. Here rank 0 serves it from a
+    socket bound to that address alone: on a local cluster, 127.0.0.1. Runs in each worker before
+    the process group is set up (torch's own `master_listen_fd` option; the store is the same)."""
+    from torch.distributed import TCPStore
+
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")  # the module, not its function
+
+    create_store = rendezvous._create_c10d_store
+    if getattr(create_store, "binds_master_address", False):
+        return
+
+    def create_bound_store(hostname, port, rank, world_size, timeout, use_libuv=True):
+        if rank != 0:
+            return create_store(hostname, port, rank, world_size, timeout, use_libuv)
+        family = socket.AF_INET6 if ":" in hostname else socket.AF_INET
+        listener = socket.create_server((hostname, port), family=family, backlog=128)
+        return TCPStore(hostname, port, world_size, True, timeout, multi_tenant=True,
+                        master_listen_fd=listener.detach(), use_libuv=use_libuv)
+
+    create_bound_store.binds_master_address = True
+    rendezvous._create_c10d_store = create_bound_store
+
+
+class _BoundStoreTorchBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config) -> None:
+        worker_group.execute(bind_rendezvous_store_to_master_address)
+        super().on_start(worker_group, backend_config)
+
+
+@dataclass
+class BoundStoreTorchConfig(TorchConfig):
+    """Ray Train's torch set-up, with the rendezvous store on the master address only."""
+
+    @property
+    def backend_cls(self):
+        return _BoundStoreTorchBackend
 
 
 def _use_gpu(cfg: Config) -> bool:
@@ -46,7 +90,7 @@ def build_trainer(cfg: Config, run_dir: Path, shards: str | Path, workers: int,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "shards": str(Path(shards).resolve()),
                            **(extra_loop_config or {})},
         scaling_config=scaling,
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        torch_config=BoundStoreTorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),

@@ -62,13 +62,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+# A 16x16 network small enough for CPU tests: five phases of 128 images (640 in all).
+TINY_OVERRIDES = (
+    "model.max_resolution=16", "model.latent_size=16", "model.fmap_base=64", "model.fmap_max=16",
+    "schedule.stabilize_kimg_at={}", "schedule.fade_kimg_at={}", "schedule.stabilize_kimg=0.128",
+    "schedule.fade_kimg=0.128", "schedule.total_kimg=0.64", "schedule.minibatch={}",
+    "schedule.minibatch_default=16", "checkpoint.every_kimg=0.096", "checkpoint.num_to_keep=3",
+    "checkpoint.sample_grid=4", "monitoring.log_every_steps=2", "cluster.max_failures=0")
+
+
 def tiny_config(*overrides):
-    """A 16x16 network small enough for CPU tests: five phases of 128 images (640 in all)."""
     from progan.config import load_config
 
-    return load_config(REPO / "configs" / "demo.yaml", [
-        "model.max_resolution=16", "model.latent_size=16", "model.fmap_base=64", "model.fmap_max=16",
-        "schedule.stabilize_kimg_at={}", "schedule.fade_kimg_at={}", "schedule.stabilize_kimg=0.128",
-        "schedule.fade_kimg=0.128", "schedule.total_kimg=0.64", "schedule.minibatch={}",
-        "schedule.minibatch_default=16", "checkpoint.every_kimg=0.096", "checkpoint.num_to_keep=3",
-        "checkpoint.sample_grid=4", "monitoring.log_every_steps=2", "cluster.max_failures=0", *overrides])
+    return load_config(REPO / "configs" / "demo.yaml", [*TINY_OVERRIDES, *overrides])

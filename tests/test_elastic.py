@@ -79,3 +79,18 @@ def test_removed_node_trains_on_and_an_added_node_is_used(cluster, shards, tmp_p
     assert {s["world_size"] for s in stats} == {2, 3}
     # the global batch stays 16 (or 15: 3 workers x 5) whatever the world size
     assert {s["global_batch"] for s in stats} <= {15, 16}
+
+
+def test_the_same_error_twice_stops_the_run_with_that_error(cluster, shards, tmp_path):
+    """A worker that fails on the same error after a restart would fail on every restart: the run
+    stops after the first repeat, not after all of cluster.max_failures."""
+    cfg = tiny_config("cluster.max_failures=5")
+    run = start_run(cfg, tmp_path / "run", shards, workers=2, test_hooks={"error_after_kimg": 0.09})
+    run.join()
+    events = run.events()
+    assert [e["event"] for e in events if e["event"] in ("start", "resume")] == ["start", "resume"]
+    assert {e["signature"] for e in events if e["event"] == "worker_error"} == {
+        "ValueError: test hook: the same error on every attempt, at kimg #.#"}
+    stopped = [e for e in events if e["event"] == "stopped"]
+    assert len(stopped) == 1 and not stopped[0].get("requested")
+    assert stopped[0]["reason"].startswith("the same error in two attempts in a row: ValueError: test hook")

@@ -1,7 +1,10 @@
 """Progressive training on a real 2-node local Ray cluster, with shards made by the data pipeline
 from real faces. One cluster for the whole module: each Ray start costs tens of seconds here."""
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,8 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_pipeline.loader import BatchReader, FaceStream
-from progan.checkpoint import load_checkpoint
-from progan.config import config_from_dict
+from progan.checkpoint import load_checkpoint, run_checkpoints
+from progan.config import config_from_dict, save_config
 from progan.losses import WGANGP
 from progan.train_loop import build_networks, wrap_for_phase
 from progan.trainer import build_trainer
@@ -134,16 +137,33 @@ def test_two_workers_with_half_the_batch_match_one_worker(cluster, shards, tmp_p
     (["--data", "SHARDS", "model.max_resolution=32"], "shards hold 16x16 images but model.max_resolution is 32"),
     (["--data", "MISSING"], "no such folder"),
     (["model.max_resolution=48"], "model.max_resolution: got 48"),
+    (["--data", "SHARDS", "--workers", "1000", "model.max_resolution=16"], "fewer than the 1000 training workers"),
+    (["--dashboard-port", "70000"], "--dashboard-port: got 70000, allowed: 1..65535"),
+    (["--prometheus-port", "99999"], "--prometheus-port: got 99999, allowed: 1..65535"),
+    (["--dashboard-port", "BUSY"], "cannot listen there"),
+    (["checkpoint.run_root=AFILE/runs"], "cannot write there"),
+    (["--address", "127.0.0.1:1"], "--address 127.0.0.1:1: no Ray cluster answers there"),
 ])
 def test_launch_rejects_wrong_input_in_one_line(args, message, shards, tmp_path):
+    """Each mistake in a second or so, before Ray starts, from a folder other than the project's
+    (the default config and its demo photos are the project's own wherever launch.py runs)."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no photos here")
-    subst = {"EMPTY": str(tmp_path / "empty"), "SHARDS": str(shards), "MISSING": str(tmp_path / "nope")}
-    argv = [subst.get(a, a) for a in args]
-    proc = subprocess.run([sys.executable, "launch.py", *argv, "checkpoint.run_root=" + str(tmp_path / "runs")],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    (tmp_path / "afile").write_text("a file where a folder should be")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        subst = {"EMPTY": str(tmp_path / "empty"), "SHARDS": str(shards), "MISSING": str(tmp_path / "nope"),
+                 "BUSY": str(busy.getsockname()[1]), "checkpoint.run_root=AFILE/runs": f"checkpoint.run_root={tmp_path}/afile/runs"}
+        argv = [subst.get(a, a) for a in args]
+        if not any(a.startswith("checkpoint.run_root=") for a in argv):
+            argv.append("checkpoint.run_root=" + str(tmp_path / "runs"))
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, str(REPO / "launch.py"), *argv], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=60)
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert time.monotonic() - started < 15
 
 
 def test_launch_checks_input_and_readies_the_cluster_without_torch_or_ray_train(shards):
@@ -157,3 +177,49 @@ def test_launch_checks_input_and_readies_the_cluster_without_torch_or_ray_train(
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("0 "), proc.stdout
+
+
+def copy_of_run(interrupted_then_resumed, dest: Path) -> Path:
+    """The module's finished run, copied with the config launch.py would have written beside it."""
+    run_dir, _ = interrupted_then_resumed
+    shutil.copytree(run_dir, dest)
+    save_config(tiny_config("data.loader_workers=1"), dest / "config.yaml")
+    return dest
+
+
+def test_resume_lists_changed_config_values_and_applies_them_only_when_asked(interrupted_then_resumed, tmp_path, capsys):
+    import launch
+
+    run = copy_of_run(interrupted_then_resumed, tmp_path / "tiny")
+    asked = ["--resume", str(run), "schedule.total_kimg=1.28", "optimizer.lr=0.01", "cluster.nodes=3"]
+    cfg, _ = launch.resolve_config(launch.parse_args(asked))
+    assert capsys.readouterr().err.splitlines() == [
+        "[launch] --resume: schedule.total_kimg is 0.64 in the run, 1.28 asked: not applied (add --override-config to apply it)",
+        "[launch] --resume: optimizer.lr is 0.003 in the run, 0.01 asked: not applied (add --override-config to apply it)"]
+    assert (cfg.schedule.total_kimg, cfg.optimizer.lr, cfg.cluster.nodes) == (0.64, 0.003, 3)  # runtime values follow
+    cfg, _ = launch.resolve_config(launch.parse_args([*asked, "--override-config"]))
+    assert [line.rsplit(": ", 1)[1] for line in capsys.readouterr().err.splitlines()] == ["applied", "applied"]
+    assert (cfg.schedule.total_kimg, cfg.optimizer.lr) == (1.28, 0.01)
+
+
+def test_resume_goes_on_from_the_newest_checkpoint_that_loads(interrupted_then_resumed, cluster, shards, tmp_path, capsys):
+    """The newest checkpoint cut short (a crash while the disk was full, say): launch.py says in one
+    line which older one the run continues from, and the training does so and records it."""
+    import launch
+
+    run = copy_of_run(interrupted_then_resumed, tmp_path / "tiny")
+    newest, older, *_ = run_checkpoints(run)
+    data = newest.read_bytes()
+    newest.write_bytes(data[:len(data) // 2])
+    older_kimg = load_checkpoint(older)["images_seen"] / 1000
+    cfg = tiny_config("data.loader_workers=1")
+    launch.check_resume(cfg, run)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and f"{newest}: unreadable (" in lines[0], lines
+    assert lines[0].endswith(f"); resuming from the older {older.parent.name} (kimg {older_kimg:.3f})"), lines
+    result = build_trainer(cfg, run, shards, workers=2, train_slot=True).fit()
+    events = read_jsonl(run / "events.jsonl")
+    unusable = [e for e in events if e["event"] == "checkpoint_unusable"]
+    assert len(unusable) == 1 and unusable[0]["resumed_from"] == older.parent.name
+    assert [e for e in events if e["event"] == "resume"][-1]["kimg"] == older_kimg
+    assert result.metrics["images_seen"] == TOTAL_IMAGES

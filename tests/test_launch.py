@@ -1,0 +1,102 @@
+"""`python launch.py` end to end, as a user runs it: from another folder, on raw photos, with its
+own local Ray cluster, the data pipeline and Ray Train (no cluster shared with other tests)."""
+import ipaddress
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import TINY_OVERRIDES, copy_test_photos, read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(data: Path, run_root: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "launch.py"), "--nodes", "2", "--data", str(data), "--no-prometheus",
+            "--dashboard-port", str(free_port()), *extra, *TINY_OVERRIDES, f"checkpoint.run_root={run_root}"]
+
+
+def descendants(pid: int) -> set[int]:
+    parents = {}
+    for line in subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout.splitlines():
+        child, parent = map(int, line.split())
+        parents[child] = parent
+    tree, grew = {pid}, True
+    while grew:
+        new = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= new
+        grew = bool(new)
+    return tree
+
+
+def listening_sockets(pids: set[int]) -> set[tuple[str, str, int]]:
+    """(process name, address, port) of every TCP socket that the given processes listen on."""
+    found = set()
+    for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines():
+        fields = line.split()
+        address, _, port = fields[3].rpartition(":")
+        for name, pid in re.findall(r'\("([^"]*)",pid=(\d+)', line):
+            if int(pid) in pids:
+                found.add((name, address.strip("[]"), int(port)))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8 and ::1, also written as an IPv4-mapped IPv6 address (::ffff:127.0.0.1); not '*'."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # '*' or '0.0.0.0'-like wildcards that ss prints as names
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def test_a_run_listens_on_loopback_only_and_writes_movable_artifacts(faces_dir, tmp_path):
+    """From another folder, on raw photos: the pipeline and a tiny schedule to its end, while every
+    second the sockets of launch.py's process tree are read with `ss`."""
+    photos = copy_test_photos(faces_dir, tmp_path / "photos")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.Popen([*launch_command(photos, tmp_path / "runs", "--run-name", "short")], cwd=elsewhere,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    listeners, deadline = set(), time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        listeners |= listening_sockets(descendants(proc.pid))
+        time.sleep(1)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output[-3000:]
+    names = {name for name, _, _ in listeners}
+    assert {"gcs_server", "raylet"} <= names and len(listeners) > 10, listeners  # the check did see Ray's servers
+    outside = {item for item in listeners if not is_loopback(item[1])}
+    assert not outside, f"listening beyond loopback: {sorted(outside)}"
+    run = tmp_path / "runs" / "short"
+    assert (run / "data").is_symlink() and not os.readlink(run / "data").startswith("/")
+    assert (run / "data" / "manifest.json").is_file()
+    for name in ("events.jsonl", "stats.jsonl"):
+        assert str(tmp_path) not in (run / name).read_text(), name
+    grids = [e["sample_grid"] for e in read_jsonl(run / "events.jsonl") if e["event"] == "checkpoint"]
+    assert grids and all((run / grid).is_file() for grid in grids)
+
+
+def test_photos_without_a_face_stop_before_training_in_one_line(faces_dir, tmp_path):
+    """Files that are not photos of faces: the pipeline counts them, and launch.py stops with those
+    counts instead of starting workers that would fail again and again."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for index in range(4):
+        (bad / f"photo{index}.jpg").write_text(f"text file {index} with an image's name")
+    proc = subprocess.run(launch_command(bad, tmp_path / "runs", "--run-name", "bad"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no usable face: 0 faces in 4 files (not_an_image 4)" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "[launch] training" not in proc.stdout
+    assert not (tmp_path / "runs" / "bad" / "events.jsonl").exists()  # no training attempt started
