@@ -47,7 +47,7 @@ from PIL import Image
 
 from data_pipeline.errors import UserError
 from progan.checkpoint import CheckpointError
-from progan.samples import fixed_latents, grid_image, to_uint8
+from progan.samples import fixed_latents, grid_image
 from progan.trained import TrainedGenerator, load_trained_generator
 
 PROG = "python -m progan.generate"
