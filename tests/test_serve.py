@@ -160,7 +160,7 @@ def query_of(url: str) -> dict:
     return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
 
 
-def test_page_in_a_browser(server, browser, tmp_path):
+def test_page_in_a_browser(server, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
@@ -173,7 +173,6 @@ def test_page_in_a_browser(server, browser, tmp_path):
     assert "trained to 16" in d.find_element(By.ID, "meta").text
     grid = d.find_element(By.ID, "grid")
     assert grid.get_property("naturalWidth") == 64 and grid.size["width"] > 200  # shown enlarged
-    d.save_screenshot(str(tmp_path / "page.png"))
 
     # changing the resolution changes the image size
     Select(d.find_element(By.ID, "resolution")).select_by_value("8")
