@@ -5,9 +5,11 @@
 
 --checkpoint is a run folder (its newest checkpoint), a checkpoint_* folder or a checkpoint.pt.
 The EMA generator is evaluated at the checkpoint's resolution and fade-in alpha, against images from
-the shards brought to that resolution (2x2 averaging, as training sees them; mirrored at random
-when the run trained with mirroring, as the official evaluation does). Both sets go through the
-official conversion to uint8 before any metric sees them.
+the shards brought to that resolution as training sees them: 2x2 averaging; during a fade-in blended
+with their half-resolution version by the same alpha, the distribution the generator was trained to
+match (the official code only evaluates finished networks, so it has no rule for this); mirrored at
+random when the run trained with mirroring, as the official evaluation does. Both sets go through
+the official conversion to uint8 before any metric sees them.
 
 Metrics (default: swd):
   swd  multi-scale sliced Wasserstein distance x 1e3 per pyramid level and its average, over
@@ -109,6 +111,9 @@ def check_shards(shard_dir: str, resolution: int) -> int:
     if stored < resolution:
         raise UserError(f"the shards in {shard_dir} are stored at {stored}x{stored}, below the checkpoint's "
                         f"{resolution}x{resolution}; make shards at {resolution} px or more")
+    if stored % resolution:
+        raise UserError(f"the shards in {shard_dir} are stored at {stored}x{stored}, which does not halve down "
+                        f"to the checkpoint's {resolution}x{resolution}")
     return images
 
 
@@ -146,10 +151,11 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
 
 
 def real_batches(shard_dir: str, resolution: int, mirror: bool, seed: int, batch: int,
-                 device: torch.device) -> Iterator[torch.Tensor]:
-    """Endless uint8 NCHW batches of real faces at `resolution`, on `device`."""
+                 device: torch.device, alpha: float = 1.0) -> Iterator[torch.Tensor]:
+    """Endless uint8 NCHW batches of real faces at `resolution` (faded by `alpha`), on `device`."""
     from data_pipeline.loader import FaceStream, mirror_randomly, to_training_range
     from progan.metrics.swd import to_uint8
+    from progan.training_step import fade_reals
 
     # the shards are written in content-hash order, already unrelated to the source photos' order;
     # a small buffer is enough mixing and keeps the memory small at large resolutions
@@ -160,7 +166,7 @@ def real_batches(shard_dir: str, resolution: int, mirror: bool, seed: int, batch
         images = to_training_range(images, resolution)
         if mirror:
             images = mirror_randomly(images, flips)
-        yield as_rgb(to_uint8(images))
+        yield as_rgb(to_uint8(fade_reals(images, alpha)))
 
 
 def fake_batches(trained, seed: int, batch: int) -> Iterator[torch.Tensor]:
@@ -287,7 +293,7 @@ def evaluate(args: argparse.Namespace) -> list[tuple[dict, Path]]:
     batch = eval_batch_size(resolution)
     with torch.inference_mode():
         feed(evaluations, "reals", real_batches(args.data, resolution, trained.config.data.mirror, args.seed,
-                                                batch, device))
+                                                batch, device, trained.alpha))
         feed(evaluations, "fakes", fake_batches(trained, args.seed, batch))
     results = []
     for metric, evaluation in evaluations.items():

@@ -206,6 +206,16 @@ def test_swd_real_vs_real_is_small_real_vs_noise_large_and_reproducible(halves):
     assert other_seed != real_real and other_seed.avg == pytest.approx(real_real.avg, rel=0.3)
 
 
+def test_reals_are_faded_like_the_generator_during_a_fade_in(halves):
+    """At alpha 0 a checkpoint's generator paints the half-resolution image, nearest upsampled: the
+    reals it is compared with are blended the same way, as in training."""
+    sharp = read_shards(halves[0], 8)
+    faded = next(evaluate.real_batches(str(halves[0]), STORED, mirror=False, seed=0, batch=8,
+                                       device=torch.device("cpu"), alpha=0.0))
+    blocks = torch.nn.functional.avg_pool2d(sharp.float(), 2).round()
+    torch.testing.assert_close(faded.float(), blocks.repeat_interleave(2, 2).repeat_interleave(2, 3), atol=1, rtol=0)
+
+
 def train_briefly(cfg, reals: torch.Tensor, steps: int) -> tuple[Generator, Generator]:
     """Plain-torch training directly at 16x16 (no growing, no Ray): the project's train_step on random
     minibatches of 16, with an EMA of half-life 0.5 kimg. Returns (G, its EMA)."""
@@ -338,6 +348,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(run_dir, halves, tmp_path, cap
     cfg = small_config("model.max_resolution=64")
     big = save_generator(tmp_path / "at64", cfg, untrained_generator(cfg), 64)
     cases["stored at 32x32, below the checkpoint's 64x64"] = ["--checkpoint", big, "--data", halves[0]]
+    if not torch.cuda.is_available():
+        cases["no usable CUDA GPU"] = ["--checkpoint", run_dir, "--data", halves[0], "--device", "cuda"]
     for expected, args in cases.items():
         code, out, err = run_cli(capsys, *args)
         assert code == 2 and out == "", (expected, out, err)

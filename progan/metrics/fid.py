@@ -18,6 +18,7 @@ INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
 INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
 FEATURE_LAYER = "2048"      # the pool features FID is defined on
 PAPER_NUM_IMAGES = 50000    # the paper's FID (and the official 'metric-fid-50k')
+INCEPTION_BATCH = 64        # images through InceptionV3 at once: its 299x299 activations bound the memory
 
 
 class InceptionWeightsError(ValueError):
@@ -57,8 +58,7 @@ def inception_features(extractor: FeatureExtractorInceptionV3, images: torch.Ten
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 NCHW RGB images, got {images.dtype} {tuple(images.shape)}")
     device = next(extractor.parameters()).device
-    (features,) = extractor(images.to(device))
-    return features.cpu()
+    return torch.cat([extractor(part.to(device))[0].cpu() for part in images.split(INCEPTION_BATCH)])
 
 
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
