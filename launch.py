@@ -17,11 +17,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 from cluster.local import keep_ray_on_loopback
+from data_pipeline import storage
 from progan.config import Config, ConfigError, load_config, save_config
 
 STOP_FILE = "STOP"  # progan.train_loop.STOP_FILE (not imported: that module loads Ray and torch)
@@ -43,8 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=None, help="local Ray nodes to start (default: cluster.nodes)")
     p.add_argument("--address", default=None, help="join a running cluster: 'auto' or HOST:PORT")
     p.add_argument("--config", default=None, help="YAML config (default: the project's configs/demo.yaml, or the run's own on --resume)")
-    p.add_argument("--data", default=None, help="shards folder (with manifest.json) or a folder of raw photos")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--data", default=None,
+                   help="shards folder or URL (s3://bucket/prefix, with manifest.json) or a folder of raw photos")
+    p.add_argument("--storage", default=None, metavar="URL_OR_DIR",
+                   help="where run folders go (sets checkpoint.run_root): a folder, or s3://bucket/prefix so "
+                        "that checkpoints, logs and samples live on object storage every node reaches")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run (folder or URL) from its latest checkpoint")
     p.add_argument("--override-config", action="store_true",
                    help="on --resume: apply config values that differ from the run's own (default: list them, keep the run's)")
     p.add_argument("--run-name", default=None, help="name of the run folder under checkpoint.run_root")
@@ -62,18 +68,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
     overrides = list(args.overrides)
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
+        run_dir = storage.location(args.resume)
+        if not has_run_config(run_dir):
             raise UsageError(f"--resume {run_dir}: not a run folder (no config.yaml)")
         cfg = resume_config(run_dir, args.config, overrides, args.override_config)
     else:
         cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+        if args.storage is not None:
+            cfg.checkpoint.run_root = args.storage
         data_given = args.data is not None or any(o.startswith("data.path=") for o in overrides)
         if args.config is None and not data_given and not Path(cfg.data.path).is_absolute():
             cfg.data.path = str(PROJECT / cfg.data.path)  # the demo photos that ship with the project
         name = args.run_name or time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(cfg.checkpoint.run_root) / name
-        if run_dir.exists() and any(run_dir.iterdir()):
+        run_dir = storage.location(cfg.checkpoint.run_root) / name
+        if run_folder_used(run_dir):
             raise UsageError(f"run folder {run_dir} exists already: pick another --run-name or --resume it")
     c = cfg.cluster
     if args.nodes is not None:
@@ -100,6 +108,40 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
     return cfg, run_dir.resolve()
 
 
+def has_run_config(run_dir: Path | storage.RemotePath) -> bool:
+    try:
+        return (run_dir / "config.yaml").is_file()
+    except Exception as exc:  # object storage unreachable, no credentials: one line, not a traceback
+        raise UsageError(f"{run_dir}: cannot read it ({storage.describe_error(exc)})")
+
+
+def run_folder_used(run_dir: Path | storage.RemotePath) -> bool:
+    """Whether the folder (or, on object storage, the prefix) holds anything yet."""
+    if isinstance(run_dir, Path):
+        return run_dir.exists() and any(run_dir.iterdir())
+    try:
+        return run_dir.exists()
+    except Exception as exc:
+        raise UsageError(f"run folder {run_dir}: cannot reach it ({storage.describe_error(exc)})")
+
+
+@contextlib.contextmanager
+def run_config_file(run_dir: Path | storage.RemotePath):
+    """The run's config.yaml as a local file (a copy, for a run on object storage)."""
+    if isinstance(run_dir, Path):
+        yield run_dir / "config.yaml"
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / "config.yaml"
+        local.write_bytes((run_dir / "config.yaml").read_bytes())
+        yield local
+
+
+def save_run_config(cfg: Config, run_dir: Path | storage.RemotePath) -> None:
+    with storage.written_at(run_dir / "config.yaml") as local:
+        save_config(cfg, local)
+
+
 def flat_items(tree: dict, prefix: str = "") -> dict:
     items = {}
     for key, value in tree.items():
@@ -114,8 +156,9 @@ def resume_config(run_dir: Path, config: str | None, overrides: list[str], overr
     """The run's own config on --resume. Values that the given config or overrides change are
     listed one per line, and applied only with --override-config; the runtime fields (cluster,
     monitoring, where the data is) follow the command line either way."""
-    own = load_config(run_dir / "config.yaml")
-    asked = load_config(config or run_dir / "config.yaml", overrides)
+    with run_config_file(run_dir) as own_file:
+        own = load_config(own_file)
+        asked = load_config(config or own_file, overrides)
     before, after = flat_items(own.to_dict()), flat_items(asked.to_dict())
     changed = [key for key in after if before.get(key) != after[key] and not key.startswith(RUNTIME_FIELDS)]
     for key in changed:
@@ -156,7 +199,16 @@ def check_address(address: str) -> None:
                          f"start one with `ray start --head`, or leave out --address for a local one")
 
 
-def make_run_folder(run_dir: Path) -> None:
+def make_run_folder(run_dir: Path | storage.RemotePath) -> None:
+    if isinstance(run_dir, storage.RemotePath):
+        probe = run_dir / f".write-test-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except Exception as exc:  # s3fs/botocore raise many types, not all of them OSError
+            raise UsageError(f"run folder {run_dir}: cannot write there ({storage.describe_error(exc)}); "
+                             f"check the bucket and the AWS_* credentials, or pass another --storage")
+        return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -181,28 +233,50 @@ def check_face_count(cfg: Config, shards: Path) -> None:
     found = f"{faces} faces in {counts['files_seen']} files ({rejected or 'no rejects'})"
     if faces == 0:
         raise UsageError(f"--data {cfg.data.path}: no usable face: {found}; give photos that each show a face "
-                         f"(why each file was left out: {shards / 'rejects.jsonl'})")
+                         f"(why each file was left out: {storage.join(shards, 'rejects.jsonl')})")
     raise UsageError(f"--data {cfg.data.path}: {found}, fewer than the {workers} training workers; "
                      f"add photos or pass --workers {faces}")
 
 
-def check_data(cfg: Config) -> tuple[Path, bool]:
-    """(path, is_shards): a shards folder is used as is, a folder of photos goes through the pipeline."""
+def check_shards(cfg: Config, path: Path | str) -> None:
+    """Complete shards, at the model's resolution or above, with a face for every worker."""
     from data_pipeline.manifest import stored_resolution
+
+    try:
+        stored = stored_resolution(str(path))
+    except ValueError as exc:
+        raise UsageError(str(exc))
+    if stored < cfg.model.max_resolution:
+        raise UsageError(f"--data {path}: shards hold {stored}x{stored} images but model.max_resolution is "
+                         f"{cfg.model.max_resolution}; make shards at >= {cfg.model.max_resolution} or lower it")
+    check_face_count(cfg, path)
+
+
+def check_remote_shards(cfg: Config) -> str:
+    """Shards on object storage (raw photos there are not supported: prepare them first)."""
+    url = cfg.data.path
+    try:
+        found = storage.exists(storage.join(url, "manifest.json"))
+    except Exception as exc:  # no credentials, no such endpoint: one line, not a traceback
+        raise UsageError(f"--data {url}: cannot read it ({storage.describe_error(exc)})")
+    if not found:
+        raise UsageError(f"--data {url}: no manifest.json there; on object storage --data must be face shards: "
+                         f"python -m data_pipeline --input PHOTOS --output {url}")
+    check_shards(cfg, url)
+    return url
+
+
+def check_data(cfg: Config) -> tuple[Path | str, bool]:
+    """(path, is_shards): a shards folder or URL is used as is, a folder of photos goes through the pipeline."""
     from data_pipeline.sources import IMAGE_SUFFIXES
 
+    if storage.is_remote(cfg.data.path):
+        return check_remote_shards(cfg), True
     path = Path(cfg.data.path)
     if not path.is_dir():
         raise UsageError(f"--data {path}: no such folder")
     if (path / "manifest.json").is_file():
-        try:
-            stored = stored_resolution(str(path))
-        except ValueError as exc:
-            raise UsageError(str(exc))
-        if stored < cfg.model.max_resolution:
-            raise UsageError(f"--data {path}: shards hold {stored}x{stored} images but model.max_resolution is "
-                             f"{cfg.model.max_resolution}; make shards at >= {cfg.model.max_resolution} or lower it")
-        check_face_count(cfg, path)
+        check_shards(cfg, path)
         return path, True
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
         raise UsageError(f"--data {path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
@@ -213,6 +287,8 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
     """Refuses a config that the run's checkpoints do not fit, before anything starts, and says
     which older checkpoint the run continues from when the newest does not load (the training
     loop makes the same choice and records it in events.jsonl)."""
+    if isinstance(run_dir, storage.RemotePath):
+        return  # not downloaded here: the training loop loads (and checks) the newest checkpoint
     # imports torch: only a resume pays for it here
     from progan.checkpoint import CheckpointError, load_usable_checkpoint, run_checkpoints
 
@@ -272,7 +348,9 @@ def prepare_shards(cfg: Config, photos: Path, run_dir: Path) -> Path:
     listing = sorted((str(p.relative_to(photos)), p.stat().st_size, p.stat().st_mtime_ns)
                      for p in photos.rglob("*") if p.is_file())
     key = hashlib.sha1(json.dumps([str(photos.resolve()), cfg.model.max_resolution, listing]).encode()).hexdigest()[:16]
-    cache = Path(cfg.checkpoint.run_root).resolve() / ".shards" / f"{photos.name}-{cfg.model.max_resolution}-{key}"
+    # on object storage beside the runs when they are there: every node reads the shards
+    cache = storage.join(storage.absolute(cfg.checkpoint.run_root), ".shards",
+                         f"{photos.name}-{cfg.model.max_resolution}-{key}")
     print(f"[launch] face shards from {photos} -> {cache}", flush=True)
     address = ray.get_runtime_context().gcs_address
     status = subprocess.run([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", str(cache),
@@ -282,7 +360,7 @@ def prepare_shards(cfg: Config, photos: Path, run_dir: Path) -> Path:
     if status:
         raise UsageError(f"the data pipeline stopped (exit status {status}) on {photos}")
     link = run_dir / "data"
-    if not link.is_symlink():  # relative, so that runs and their shards can move together
+    if isinstance(run_dir, Path) and not link.is_symlink():  # relative: runs and shards move together
         link.symlink_to(os.path.relpath(cache, run_dir), target_is_directory=True)
     check_face_count(cfg, cache)
     return cache
@@ -301,7 +379,7 @@ def prometheus(cfg: Config, args: argparse.Namespace, run_dir: Path):
         cfg.monitoring.prometheus == "true" or (cfg.monitoring.prometheus == "auto" and shutil.which("prometheus")))
     server = None
     if wanted:
-        server = start_prometheus(args.prometheus_port, current_session_dir(), run_dir / "prometheus",
+        server = start_prometheus(args.prometheus_port, current_session_dir(), local_folder(run_dir) / "prometheus",
                                   extra_targets=[launcher.address] if launcher.address else [])
         if server:
             print(f"[launch] Prometheus: {server.url} (Grafana: monitoring/README.md)", flush=True)
@@ -321,6 +399,24 @@ def train(cfg: Config, run_dir: Path, shards: Path, train_slot: bool) -> dict:
     print(f"[launch] training: up to {workers} workers", flush=True)
     result = trainer.fit()
     return dict(result.metrics or {})
+
+
+def local_folder(run_dir: Path | storage.RemotePath) -> Path:
+    """The run folder for what stays on this machine (Prometheus's database): itself, or for a
+    run on object storage a folder named after it in the system's temporary folder."""
+    if isinstance(run_dir, Path):
+        return run_dir
+    folder = Path(tempfile.gettempdir()) / "progan-runs" / run_dir.name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def final_grids(run_dir: Path | storage.RemotePath) -> list:
+    """The run's sample grids, oldest first (their names, res<R>_kimg<K>.png, sort by progress)."""
+    if isinstance(run_dir, Path):
+        return sorted((run_dir / "samples").glob("*.png"), key=os.path.getmtime)
+    return [run_dir / "samples" / name for name in sorted(storage.file_sizes(run_dir / "samples"))
+            if name.endswith(".png")]
 
 
 def check_before_start(args: argparse.Namespace) -> tuple[Config, Path, Path, bool]:
@@ -348,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.cluster.address or cfg.cluster.address.startswith(("127.", "localhost")):
         keep_ray_on_loopback()  # before the preload thread or anything else imports Ray
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the attempt it stopped
-    save_config(cfg, run_dir / "config.yaml")
+    save_run_config(cfg, run_dir)
     print(f"[launch] run folder: {run_dir}", flush=True)
     started = time.time()
     preload_trainer()
@@ -363,13 +459,18 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    grids = sorted((run_dir / "samples").glob("*.png"), key=os.path.getmtime)
+    grids = final_grids(run_dir)
     print(f"[launch] done: {json.dumps({k: v for k, v in metrics.items() if k != 'sample_grid'})}")
     if grids:
         print(f"[launch] final sample grid: {grids[-1]}")
-    events = run_dir / "events.jsonl"
-    stops = [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []
-    stops = [e for e in stops if e["event"] == "stopped"]
+    events = [json.loads(line) for line in storage.read_text_or_empty(run_dir / "events.jsonl").splitlines()]
+    swds = [e for e in events if e["event"] == "swd"]
+    if swds:
+        last = swds[-1]
+        levels = ", ".join(f"{res}: {value:.1f}" for res, value in last["levels"].items())
+        print(f"[launch] SWD x1e3 of the final EMA generator at {last['resolution']}x{last['resolution']}: "
+              f"{last['avg']:.1f} (levels {levels}; {last['num_images']} images per set)")
+    stops = [e for e in events if e["event"] == "stopped"]
     if stops and stops[-1].get("requested"):
         print(f"[launch] the run stopped early: {stops[-1]['reason']}; continue it with --resume {run_dir}",
               file=sys.stderr)

@@ -5,8 +5,11 @@
         [--min-prob 0.95] [--margin 0.4] [--run-name NAME] [--quiet]
 
 PATH: a folder (searched recursively for .jpg .jpeg .png .webp .bmp), a glob, or a .zip/.tar of
-photos. Arguments, inputs and the output folder are checked before Ray starts: a mistake costs
-one line on stderr and exit code 2. An output with a complete manifest.json is left alone unless
+photos. DIR may be an object-store URL (s3://bucket/prefix; credentials and endpoint from the
+standard AWS_* variables): the output is built in a local work folder ($DATA_PIPELINE_WORK_DIR,
+default ~/.cache/progan-data-pipeline) and uploaded when complete, manifest.json last. Arguments,
+inputs and the output folder are checked before Ray starts: a mistake costs one line on stderr
+and exit code 2. An output with a complete manifest.json is left alone unless
 --overwrite, and refused (exit code 2) if it was made at another --resolution, --format,
 --shard-size, --min-prob or --margin; an interrupted run is resumed by running the same command
 again. Photos read and their outcomes go to Prometheus through Ray's metrics export, labelled
@@ -36,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog=PROG, description="Face photos -> WebDataset shards of square face crops.")
     parser.add_argument("--input", action="append", required=True, metavar="PATH",
                         help="folder (recursive), glob, or .zip/.tar of photos; repeatable")
-    parser.add_argument("--output", required=True, metavar="DIR")
+    parser.add_argument("--output", required=True, metavar="DIR", help="a folder, or s3://bucket/prefix")
     parser.add_argument("--resolution", type=int, default=128, help="crop size, a power of two (4..1024)")
     parser.add_argument("--shard-size", type=int, default=1000, metavar="N", help="at most N faces per shard")
     where = parser.add_mutually_exclusive_group()

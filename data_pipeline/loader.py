@@ -18,6 +18,9 @@ rank opens only the shards its range covers, and after an elastic restart the ra
 follow the new world size. The stream never ends (pass follows pass, the image count decides
 when training stops), so no rank runs dry before another and DDP never waits on an epoch's end.
 
+Where the shards are: a folder every node can read, or an object store (s3://bucket/prefix, through
+fsspec: data_pipeline.storage); either way each rank streams its own shards, block by block.
+
 What is decoded: only each sample's image member, of the format the manifest names, by PIL's
 decoder for that format alone. webdataset's own decoders are never used: they unpickle members
 named .pyd/.pkl/.pickle and torch.load .pth ones, so a tar dropped into a shards folder could run
@@ -31,7 +34,6 @@ import itertools
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
+from data_pipeline import storage
 from data_pipeline.manifest import require_manifest
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,7 @@ def shard_list(shard_dir: str, manifest: dict | None = None) -> list[tuple[str, 
     Raises ValueError without a complete one."""
     if manifest is None:
         manifest = require_manifest(shard_dir)
-    shards = [(str(Path(shard_dir) / s["file"]), int(s["samples"])) for s in manifest["shards"] if s["samples"]]
+    shards = [(storage.join(shard_dir, s["file"]), int(s["samples"])) for s in manifest["shards"] if s["samples"]]
     if not shards:
         raise ValueError(f"{shard_dir} holds no faces (its manifest lists no shards)")
     return shards
@@ -98,6 +101,14 @@ def rank_slices(shards: list[tuple[str, int]], rank: int, world_size: int, pass_
     return slices
 
 
+def shard_samples(url: str) -> Iterator[dict]:
+    """The samples of one shard (a path or an object-store URL), streamed: the file is read in
+    blocks by webdataset's tar reader as the samples are used, never copied whole to disk.
+    Closing the iterator (a slice that ends early) closes the stream."""
+    with storage.open_binary(url) as stream:
+        yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
+
+
 class FaceStream(torch.utils.data.IterableDataset):
     """One rank's endless stream of faces: uint8 HxWx3 tensors at the stored resolution, pass
     after pass, shuffled within a buffer of `shuffle_buffer` images. Iterated by a DataLoader
@@ -121,7 +132,7 @@ class FaceStream(torch.utils.data.IterableDataset):
         """This rank's encoded samples of one pass; with DataLoader workers, every n-th of them."""
         position = 0
         for part in rank_slices(self.shards, self.rank, self.world_size, pass_index, self.seed):
-            samples = wds.tarfile_to_samples()([{"url": part.url}])
+            samples = shard_samples(part.url)
             for sample in itertools.islice(samples, part.skip, part.skip + part.take):
                 if position % workers == worker:
                     yield sample

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from data_pipeline import storage
 from data_pipeline.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
@@ -80,13 +81,12 @@ def write_rejects(folder: Path, outcomes: Iterable[Outcome]) -> None:
 
 
 def read_manifest(folder: Path | str) -> dict | None:
-    """The manifest if the folder holds a complete output (every listed shard present), else None."""
-    folder = Path(folder)
+    """The manifest if the folder (a path, or an object-store URL such as s3://bucket/prefix)
+    holds a complete output (every listed shard present at its size), else None."""
     try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text())
-        shards_present = all(
-            (folder / shard["file"]).stat().st_size == shard["bytes"] for shard in manifest["shards"]
-        )
+        manifest = json.loads(storage.read_text(storage.join(folder, MANIFEST_NAME)))
+        sizes = storage.file_sizes(folder)
+        shards_present = all(sizes.get(shard["file"]) == shard["bytes"] for shard in manifest["shards"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if manifest.get("format_version") != FORMAT_VERSION or not shards_present:
@@ -134,7 +134,17 @@ def stored_resolution(shard_dir: str) -> int:
 
 
 def ensure_writable_folder(folder: str) -> None:
-    """Create the output folder if needed and prove we can write there (UserError otherwise)."""
+    """Create the output folder if needed and prove we can write there (UserError otherwise).
+    On object storage: write and delete a probe object (no bucket, no credentials, no right to
+    write all stop here in one line, before any photo is read)."""
+    if storage.is_remote(folder):
+        probe = storage.join(folder, f".write-test-{os.getpid()}{TEMP_SUFFIX}")
+        try:
+            storage.write_bytes(probe, b"")
+            storage.remove(probe)
+        except Exception as error:  # s3fs/botocore raise many types, not all of them OSError
+            raise UserError(f"cannot write to output {folder}: {storage.describe_error(error)}") from None
+        return
     try:
         os.makedirs(folder, exist_ok=True)
         probe = Path(folder) / f".write-test-{os.getpid()}{TEMP_SUFFIX}"

@@ -11,10 +11,13 @@
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
+import os
 import platform
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -27,11 +30,12 @@ from tqdm import tqdm
 
 from data_pipeline.config import PrepareConfig
 from data_pipeline.faces import DETECT_BATCH, FaceDetector, FaceSettings, PhotoResult, describe
+from data_pipeline import storage
 from data_pipeline.manifest import (
-    DUPLICATE, FORMAT_VERSION, KEPT, MANIFEST_NAME, UNREADABLE, Outcome, check_same_settings,
-    count_outcomes, read_manifest, write_json, write_rejects,
+    DUPLICATE, FORMAT_VERSION, KEPT, MANIFEST_NAME, REJECTS_NAME, UNREADABLE, Outcome, changed_settings,
+    check_same_settings, count_outcomes, read_manifest, write_json, write_rejects,
 )
-from data_pipeline.shards import Sample, ShardProgress
+from data_pipeline.shards import SHARD_GLOB, Sample, ShardProgress
 from data_pipeline.sources import Source, content_key, list_sources, read_bytes, recorded_input
 from monitoring.metrics import PipelineMetrics
 
@@ -64,12 +68,18 @@ class Plan:
 
 
 def prepare(config: PrepareConfig, sources: list[Source] | None = None, show_progress: bool = True) -> dict:
-    """Run (or resume) the preparation on the connected Ray cluster; returns the manifest."""
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    if not config.overwrite and (finished := read_manifest(output)) is not None:
-        check_same_settings(finished, config, output)
+    """Run (or resume) the preparation on the connected Ray cluster; returns the manifest.
+    An object-store output (s3://...) is built in a local work folder and published when complete."""
+    if not config.overwrite and (finished := read_manifest(config.output)) is not None:
+        check_same_settings(finished, config, config.output)
         return finished
+    output = build_folder(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    if storage.is_remote(config.output):
+        if config.overwrite:
+            storage.remove(storage.join(config.output, MANIFEST_NAME))  # never a manifest over missing shards
+        elif (built := read_manifest(output)) is not None and not changed_settings(built, config):
+            return publish(output, config.output, built)  # built before, its upload cut short
     sources = list_sources(list(config.inputs)) if sources is None else sources
     settings = face_settings(config)
     plan = make_plan(hash_sources(sources, config.run_name, show_progress), config.shard_size,
@@ -80,7 +90,39 @@ def prepare(config: PrepareConfig, sources: list[Source] | None = None, show_pro
     with ProgressBar(len(sources), show_progress) as bar:
         bar.add([outcome.status for outcome in known_outcomes(plan, progress)])
         detect_faces(todo, settings, config.run_name, progress, bar)
-    return finish(output, plan, progress, config, settings)
+    manifest = finish(output, plan, progress, config, settings)
+    return publish(output, config.output, manifest) if storage.is_remote(config.output) else manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Object-store outputs: built locally (resumable shard by shard as a local output is), then
+# uploaded: shards, rejects.jsonl, and manifest.json last, so that its presence still means
+# the output is complete.
+
+
+def build_folder(output: str) -> Path:
+    """Where the shards are made: the output itself, or for a URL a local work folder named by
+    it ($DATA_PIPELINE_WORK_DIR, default ~/.cache/progan-data-pipeline), so that a rerun on the
+    same machine resumes there."""
+    if not storage.is_remote(output):
+        return Path(output)
+    root = os.environ.get("DATA_PIPELINE_WORK_DIR") or Path.home() / ".cache" / "progan-data-pipeline"
+    digest = hashlib.sha1(output.rstrip("/").encode()).hexdigest()[:16]
+    return Path(root) / f"{storage.base_name(output)}-{digest}"
+
+
+def publish(built: Path, output: str, manifest: dict) -> dict:
+    """Uploads a complete local output to `output`, drops the remote shards it does not list,
+    then the local copy."""
+    storage.remove(storage.join(output, MANIFEST_NAME))
+    listed = {shard["file"] for shard in manifest["shards"]}
+    for name in sorted(listed) + [REJECTS_NAME, MANIFEST_NAME]:
+        storage.upload(built / name, storage.join(output, name))
+    for name in storage.file_sizes(output):
+        if fnmatch.fnmatch(name, SHARD_GLOB) and name not in listed:
+            storage.remove(storage.join(output, name))  # an earlier output's extra shard
+    shutil.rmtree(built, ignore_errors=True)
+    return manifest
 
 
 def known_outcomes(plan: Plan, progress: ShardProgress) -> list[Outcome]:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from data_pipeline import storage
 from data_pipeline.loader import BatchReader, FaceStream
 from monitoring.metrics import AllReduceTimer, TrainingMetrics
 from progan.checkpoint import load_usable_checkpoint, save_checkpoint
@@ -76,15 +77,25 @@ def model_args(cfg: Config) -> dict:
 
 
 class _RunLog:
-    """Rank 0's files in the run folder: stats as JSON lines, events, and the progress line."""
+    """Rank 0's files in the run folder: stats as JSON lines, events, and the progress line.
+    In a run folder on object storage (no append there: each write puts the whole file again)
+    stats lines wait for the next event, at the latest the next checkpoint's; events, which the
+    stop policies read back after a failure, are written at once."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path | storage.RemotePath, enabled: bool):
         self.run_dir, self.enabled = run_dir, enabled
+        self.pending: dict[str, str] = {}
 
     def append(self, name: str, record: dict) -> None:
         if self.enabled:
-            with open(self.run_dir / name, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.pending[name] = self.pending.get(name, "") + json.dumps(record) + "\n"
+            if isinstance(self.run_dir, Path) or name == "events.jsonl":
+                self.flush()
+
+    def flush(self) -> None:
+        for name, text in self.pending.items():
+            storage.append_text(self.run_dir / name, text)
+        self.pending.clear()
 
     def event(self, kind: str, **fields) -> None:
         self.append("events.jsonl", {"time": time.time(), "event": kind, **fields})
@@ -101,7 +112,7 @@ class _Trainer:
 
     def __init__(self, loop_config: dict):
         self.cfg = config_from_dict(loop_config["config"])
-        self.run_dir = Path(loop_config["run_dir"])
+        self.run_dir = storage.location(loop_config["run_dir"])  # a Path, or a RemotePath (s3://...)
         self.shards = loop_config["shards"]
         self.test_hooks = loop_config.get("test_hooks", {})  # failure injection for tests; off by default
         ctx = ray.train.get_context()
@@ -147,7 +158,9 @@ class _Trainer:
             return
         self.metrics.count_restart()
         with checkpoint.as_directory() as directory:
-            state, used, skipped = load_usable_checkpoint(directory, self.run_dir, model_args(self.cfg))
+            # older checkpoints to fall back on are looked for in a local run folder only
+            older_in = self.run_dir if isinstance(self.run_dir, Path) else directory
+            state, used, skipped = load_usable_checkpoint(directory, older_in, model_args(self.cfg))
         for reason in skipped:  # a checkpoint cut short or damaged: the run goes on from an older one
             self.log.event("checkpoint_unusable", reason=reason, resumed_from=used.name,
                            kimg=state["images_seen"] / 1000)
@@ -271,6 +284,7 @@ class _Trainer:
                     self._enter_phase(phase)
                 self._train_until_phase_end(phase)
         finally:
+            self.log.flush()  # stats lines still held back for a run on object storage
             if self.batches is not None:
                 self.batches.close()
 
@@ -369,8 +383,9 @@ class _Trainer:
         if self.rank != 0:
             ray.train.report(metrics)
             return
-        sample = write_sample_grid(self.G_ema, self.sample_latents, self.phase.resolution, alpha,
-                                   self.run_dir / "samples" / sample_name(self.phase.resolution, self.images_seen))
+        sample = self.run_dir / "samples" / sample_name(self.phase.resolution, self.images_seen)
+        with storage.written_at(sample) as local:  # uploaded after, for a run on object storage
+            write_sample_grid(self.G_ema, self.sample_latents, self.phase.resolution, alpha, local)
         metrics["sample_grid"] = str(sample)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
@@ -417,6 +432,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         raise  # a non-finite loss: rolled back to the last checkpoint, under its own limit
     except Exception as exc:
         rank = ray.train.get_context().get_world_rank()
-        _RunLog(Path(loop_config["run_dir"]), True).event("worker_error", rank=rank, error=str(exc).strip()[:2000],
-                                                          signature=error_signature(exc))
+        _RunLog(storage.location(loop_config["run_dir"]), True).event(
+            "worker_error", rank=rank, error=str(exc).strip()[:2000], signature=error_signature(exc))
         raise

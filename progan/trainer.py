@@ -13,6 +13,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
 
 from cluster.local import TRAIN_SLOT
+from data_pipeline import storage
 from progan.config import Config
 from progan.train_loop import train_loop_per_worker
 
@@ -79,15 +80,17 @@ def scaling_config(cfg: Config, workers: int, train_slot: bool) -> ScalingConfig
 def build_trainer(cfg: Config, run_dir: Path, shards: str | Path, workers: int,
                   train_slot: bool = False, extra_loop_config: dict | None = None) -> TorchTrainer:
     """`run_dir` is storage_path/name, so Ray's checkpoints land in the run folder, and a new
-    trainer on the same folder resumes from its latest checkpoint. `shards`: a folder of face
-    shards that every node can read (each worker reads its share itself: data_pipeline.loader)."""
-    run_dir = Path(run_dir).resolve()
+    trainer on the same folder resumes from its latest checkpoint. A URL (s3://bucket/runs/NAME)
+    puts them on object storage, where every node reaches them (Ray uploads each checkpoint from
+    the worker that reports it). `shards`: a folder or URL of face shards that every node can
+    read (each worker reads its share itself: data_pipeline.loader)."""
+    run_dir = storage.location(storage.absolute(run_dir))
     # read by Ray Train's controller, which inherits the driver's RAY_TRAIN_* variables
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.cluster.worker_start_timeout_s)
     scaling = scaling_config(cfg, workers, train_slot)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "shards": str(Path(shards).resolve()),
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "shards": storage.absolute(shards),
                            **(extra_loop_config or {})},
         scaling_config=scaling,
         torch_config=BoundStoreTorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),

@@ -1,0 +1,248 @@
+"""One place that turns a folder path or an object-store URL into files to read and write.
+
+A local path stays a local path (plain files, nothing changes for local runs). A URL with a
+scheme (s3://bucket/prefix, gs://..., anything fsspec knows) goes through fsspec; for s3:// that
+is s3fs, which takes its credentials, region and endpoint from the standard AWS variables
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL) or the machine's role,
+so no secret is ever passed on a command line or written into a file by this project.
+
+Object stores have no folders, no rename and no append: `write_bytes` puts a whole object
+(atomic by nature: a reader sees the old object or the new one), and `append_text` reads the
+object and puts it back longer (fine for small, rarely written logs; not safe against two
+writers at the same instant).
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+LOCAL_SCHEMES = ("", "file")
+
+
+def scheme(location: str | os.PathLike) -> str:
+    text = str(location)
+    return text.split("://", 1)[0].lower() if "://" in text else ""
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """True for an object-store URL (s3://, gs://, ...); False for a local path or file:// URL."""
+    return scheme(location) not in LOCAL_SCHEMES
+
+
+def local_path(location: str | os.PathLike) -> Path:
+    text = str(location)
+    return Path(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """location/part/...: a URL stays a URL (pathlib would turn s3://b into s3:/b)."""
+    if is_remote(location):
+        return posixpath.join(str(location).rstrip("/"), *parts)
+    return str(local_path(location).joinpath(*parts))
+
+
+def base_name(location: str | os.PathLike) -> str:
+    """The last part of a path or URL: the run or output folder's name."""
+    if is_remote(location):
+        return posixpath.basename(str(location).rstrip("/"))
+    return local_path(location).resolve().name
+
+
+def absolute(location: str | os.PathLike) -> str:
+    """A URL as it is; a local path made absolute (other processes run in other folders)."""
+    return str(location) if is_remote(location) else str(local_path(location).resolve())
+
+
+def filesystem(location: str | os.PathLike):
+    """(fsspec filesystem, path inside it) for a URL. Directory listings are not cached: other
+    processes (workers, a rerun) write to the same prefix while this one reads it."""
+    import fsspec.core
+
+    return fsspec.core.url_to_fs(str(location), use_listings_cache=False)
+
+
+def exists(location: str | os.PathLike) -> bool:
+    if not is_remote(location):
+        return local_path(location).exists()
+    fs, path = filesystem(location)
+    return fs.exists(path)
+
+
+def read_bytes(location: str | os.PathLike) -> bytes:
+    """The file's content; FileNotFoundError (an OSError) when there is none."""
+    if not is_remote(location):
+        return local_path(location).read_bytes()
+    fs, path = filesystem(location)
+    return fs.cat_file(path)
+
+
+def read_text(location: str | os.PathLike) -> str:
+    return read_bytes(location).decode()
+
+
+def read_text_or_empty(location: str | os.PathLike) -> str:
+    try:
+        return read_text(location)
+    except FileNotFoundError:
+        return ""
+
+
+def write_bytes(location: str | os.PathLike, data: bytes) -> None:
+    """A whole object; for a local file, written under a temporary name and renamed."""
+    if not is_remote(location):
+        path = local_path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+        return
+    fs, path = filesystem(location)
+    fs.pipe_file(path, data)
+
+
+def append_text(location: str | os.PathLike, text: str) -> None:
+    """Adds `text` at the end: a plain append locally, a read and a longer put on object storage."""
+    if not is_remote(location):
+        path = local_path(location)
+        with open(path, "a") as file:
+            file.write(text)
+        return
+    write_bytes(location, read_text_or_empty(location).encode() + text.encode())
+
+
+def upload(local_file: str | os.PathLike, location: str | os.PathLike) -> None:
+    fs, path = filesystem(location)
+    fs.put_file(str(local_file), path)
+
+
+def remove(location: str | os.PathLike) -> None:
+    """Deletes one file or object if it is there."""
+    if not is_remote(location):
+        local_path(location).unlink(missing_ok=True)
+        return
+    fs, path = filesystem(location)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def file_sizes(folder: str | os.PathLike) -> dict[str, int]:
+    """{name: bytes} of the files directly in `folder` (one listing); {} when there is none."""
+    if not is_remote(folder):
+        path = local_path(folder)
+        return {entry.name: entry.stat().st_size for entry in path.iterdir() if entry.is_file()} if path.is_dir() else {}
+    fs, path = filesystem(folder)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {posixpath.basename(entry["name"].rstrip("/")): int(entry["size"]) for entry in entries
+            if entry["type"] == "file"}
+
+
+def open_binary(location: str | os.PathLike) -> BinaryIO:
+    """A file object to read from the start, streamed (an object is fetched in blocks as it is
+    read, never copied to local disk first)."""
+    if not is_remote(location):
+        return open(local_path(location), "rb")
+    fs, path = filesystem(location)
+    return fs.open(path, "rb", block_size=8 << 20, cache_type="readahead")
+
+
+def describe_error(error: BaseException) -> str:
+    """An object-store failure in one line (type and first line; no credentials are in these)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+class RemotePath:
+    """The few pathlib.Path operations a run folder needs, on an object-store URL, so code that
+    handles a run folder works on both (`location()` gives a Path for a local folder)."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def __truediv__(self, part: str) -> RemotePath:
+        return RemotePath(join(self.url, str(part)))
+
+    def joinpath(self, *parts: str) -> RemotePath:
+        return RemotePath(join(self.url, *map(str, parts)))
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"RemotePath({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemotePath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.url)
+
+    @property
+    def parent(self) -> RemotePath:
+        return RemotePath(posixpath.dirname(self.url))
+
+    def resolve(self) -> RemotePath:
+        return self
+
+    def relative_to(self, other: RemotePath) -> str:
+        prefix = str(other).rstrip("/") + "/"
+        if not self.url.startswith(prefix):
+            raise ValueError(f"{self.url} is not under {other}")
+        return self.url[len(prefix):]
+
+    def exists(self) -> bool:
+        return exists(self.url)
+
+    def is_file(self) -> bool:
+        fs, path = filesystem(self.url)
+        return fs.isfile(path)
+
+    def read_bytes(self) -> bytes:
+        return read_bytes(self.url)
+
+    def read_text(self) -> str:
+        return read_text(self.url)
+
+    def write_bytes(self, data: bytes) -> None:
+        write_bytes(self.url, data)
+
+    def write_text(self, text: str) -> None:
+        write_bytes(self.url, text.encode())
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        if not missing_ok and not self.exists():
+            raise FileNotFoundError(self.url)
+        remove(self.url)
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        """Nothing to make: an object store has no folders, only names with slashes."""
+
+
+def location(text: str | os.PathLike) -> Path | RemotePath:
+    """A local folder as a Path, an object-store URL as a RemotePath."""
+    return RemotePath(str(text)) if is_remote(text) else local_path(text)
+
+
+@contextmanager
+def written_at(target: str | os.PathLike) -> Iterator[Path]:
+    """A local file name to write `target` under: the target itself when it is local, else a
+    temporary file uploaded to the target when the block ends without error."""
+    if not is_remote(target):
+        yield local_path(target)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / posixpath.basename(str(target))
+        yield local
+        upload(local, str(target))

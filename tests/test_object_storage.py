@@ -1,0 +1,167 @@
+"""Shards and runs on object storage: a real S3 server (SeaweedFS on 127.0.0.1, tests/s3.py), the
+data pipeline's CLI writing to s3://, workers streaming their shares from the bucket, and
+launch.py training with its checkpoints, logs and samples there, then resuming from the bucket.
+
+The AWS_* variables are set in this process before the module's Ray cluster starts, so its nodes
+(and every worker they start) reach the bucket the way nodes of a real cluster do: through the
+standard variables (or a machine role), never through anything the project writes down.
+"""
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_OVERRIDES, copy_test_photos, make_shards
+from s3 import SeaweedS3
+
+CLUSTER_NODES = 2
+BUCKET = "faces"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """The S3 server, its variables in this process's environment for the module's duration."""
+    with SeaweedS3(tmp_path_factory.mktemp("seaweedfs")) as server:
+        saved = dict(os.environ)
+        os.environ.update(server.environ())
+        # where the pipeline builds an s3:// output before uploading it (default: ~/.cache)
+        os.environ["DATA_PIPELINE_WORK_DIR"] = str(tmp_path_factory.mktemp("pipeline-work"))
+        server.make_bucket(BUCKET)
+        try:
+            yield server
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, cluster):
+    """The module's Ray cluster, started once the AWS variables are set (its nodes inherit them)."""
+    yield cluster
+
+
+@pytest.fixture(scope="module")
+def s3_shards(s3, cluster, faces_dir, tmp_path_factory):
+    """(photos folder, shards URL): 16x16 shards of the usual 64 photos, made straight into the bucket."""
+    photos = copy_test_photos(faces_dir, tmp_path_factory.mktemp("photos"))
+    url = f"s3://{BUCKET}/shards16"
+    make_shards(photos, url, cluster.cluster.address)
+    return photos, url
+
+
+def object_names(s3, url: str) -> dict[str, dict]:
+    """{path below url: S3 info} of every object under url."""
+    prefix = url.removeprefix("s3://").rstrip("/") + "/"
+    return {name[len(prefix):]: info for name, info in s3.filesystem().find(prefix, detail=True).items()}
+
+
+def test_pipeline_writes_shards_manifest_and_rejects_to_the_bucket(s3, s3_shards):
+    from data_pipeline.manifest import read_manifest
+
+    _, url = s3_shards
+    manifest = read_manifest(url)
+    assert manifest is not None and manifest["resolution"] == 16
+    objects = object_names(s3, url)
+    shard_files = {shard["file"] for shard in manifest["shards"]}
+    assert set(objects) == shard_files | {"manifest.json", "rejects.jsonl"}  # nothing half-done left
+    for shard in manifest["shards"]:
+        assert objects[shard["file"]]["size"] == shard["bytes"]
+    assert manifest["counts"]["faces_kept"] == sum(shard["samples"] for shard in manifest["shards"]) > 32
+    assert not (REPO / "s3:").exists()  # the old bug: a local folder named after the URL's scheme
+    assert not any(os.scandir(os.environ["DATA_PIPELINE_WORK_DIR"]))  # the local build is gone once uploaded
+
+
+def test_a_rerun_on_the_bucket_is_a_quick_no_op(s3, s3_shards, cluster):
+    photos, url = s3_shards
+    before = {name: info["LastModified"] for name, info in object_names(s3, url).items()}
+    rerun = subprocess.run([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", url,
+                            "--resolution", "16", "--shard-size", "16", "--address", cluster.cluster.address],
+                           capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "is already complete" in rerun.stdout
+    after = {name: info["LastModified"] for name, info in object_names(s3, url).items()}
+    assert after == before  # nothing rewritten
+
+
+def test_wrong_credentials_stop_the_pipeline_in_one_line_without_the_secret(s3, s3_shards):
+    photos, _ = s3_shards
+    env = s3.environ({**os.environ})
+    env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret-" + "x" * 20
+    run = subprocess.run([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output",
+                          f"s3://{BUCKET}/elsewhere", "--resolution", "16"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert run.returncode == 2
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert f"cannot write to output s3://{BUCKET}/elsewhere" in run.stderr
+    assert env["AWS_SECRET_ACCESS_KEY"] not in run.stderr + run.stdout
+    assert not (REPO / "s3:").exists()
+
+
+def first_images(shards: str, rank: int, world_size: int, count: int) -> list:
+    from data_pipeline.loader import FaceStream
+
+    stream = FaceStream(shards, rank, world_size, seed=3, shuffle_buffer=8)
+    return [image.numpy() for image in itertools.islice(iter(stream), count)]
+
+
+@pytest.mark.parametrize("rank, world_size", [(0, 1), (1, 2)])
+def test_face_stream_reads_the_same_images_from_the_bucket_as_from_a_local_copy(s3, s3_shards, tmp_path,
+                                                                                rank, world_size):
+    """Each worker streams its share straight from the bucket (no local copy of a shard); what it
+    gets is exactly what the same shards give from a local folder."""
+    import numpy as np
+
+    _, url = s3_shards
+    local = tmp_path / "shards"
+    s3.filesystem().get(url.removeprefix("s3://") + "/", str(local), recursive=True)
+    count = 40 * world_size  # more than one pass's share: the second pass reopens the shards
+    remote_images, local_images = (first_images(source, rank, world_size, count) for source in (url, str(local)))
+    assert len(remote_images) == count and remote_images[0].shape == (16, 16, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(remote_images, local_images))
+
+
+def launch(cluster, *args: str, cwd) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "launch.py"), "--address", cluster.cluster.address, "--workers", "2",
+               "--no-prometheus", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def read_events(s3, run_url: str) -> list[dict]:
+    text = s3.filesystem().cat_file(run_url.removeprefix("s3://") + "/events.jsonl").decode()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_a_run_on_the_bucket_trains_then_resumes_from_it(s3, s3_shards, cluster, tmp_path):
+    """launch.py --data s3://... --storage s3://...: the checkpoints (Ray Train's, through
+    RunConfig(storage_path=s3://...)), config.yaml, events.jsonl, stats.jsonl and sample grids all
+    land in the bucket and nothing in the local folder; --resume s3://.../NAME goes on from the
+    bucket's last checkpoint to the (longer) end."""
+    _, shards = s3_shards
+    runs, run = f"s3://{BUCKET}/runs", f"s3://{BUCKET}/runs/tiny"
+    first = launch(cluster, "--data", shards, "--storage", runs, "--run-name", "tiny",
+                   *TINY_OVERRIDES, "schedule.total_kimg=0.384", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert f"[launch] final sample grid: {run}/samples/" in first.stdout
+    objects = object_names(s3, run)
+    checkpoints = sorted(name for name in objects if name.endswith("/checkpoint.pt"))
+    assert checkpoints and all(name.startswith("checkpoint_") for name in checkpoints)
+    assert {"config.yaml", "events.jsonl", "stats.jsonl"} <= set(objects)
+    assert any(name.startswith("samples/res008_") and name.endswith(".png") for name in objects)
+    events = read_events(s3, run)
+    assert events[0]["event"] == "start"
+    assert [e["kimg"] for e in events if e["event"] == "checkpoint"][-1] == pytest.approx(0.384)
+    assert os.listdir(tmp_path) == []  # no local run folder, no `s3:` folder
+
+    second = launch(cluster, "--resume", run, "--override-config", "schedule.total_kimg=0.64", cwd=tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    events = read_events(s3, run)
+    resumes = [e for e in events if e["event"] == "resume"]
+    assert resumes and resumes[-1]["kimg"] == pytest.approx(0.384)
+    assert [e["kimg"] for e in events if e["event"] == "checkpoint"][-1] == pytest.approx(0.64)
+    stats = [json.loads(line) for line in s3.filesystem().cat_file(run.removeprefix("s3://") + "/stats.jsonl")
+             .decode().splitlines()]
+    assert max(s["kimg"] for s in stats) == pytest.approx(0.64) and stats[-1]["resolution"] == 16
+    assert any(name.startswith("samples/res016_") for name in object_names(s3, run))
