@@ -178,7 +178,12 @@ def _ray_resources(params: dict) -> dict:
 def test_kuberay_manifest_is_a_raycluster_with_a_head_and_a_gpu_worker_group():
     cluster, docs = _kuberay()
     assert cluster["apiVersion"] == "ray.io/v1"
-    spec = cluster["spec"]
+    _check_ray_cluster_spec(cluster["spec"])
+
+
+def _check_ray_cluster_spec(spec: dict) -> None:
+    """A RayCluster spec (also a RayJob's rayClusterSpec): a CPU head, GPU worker groups with one
+    trainslot each, one image, Ray's version, limits equal to requests."""
     assert spec["rayVersion"] == PINS["ray"]
     groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
     assert len(groups) >= 2
@@ -210,6 +215,61 @@ def test_kuberay_pods_share_one_read_write_many_volume():
         claim = mounts.get("/mnt/shared")
         assert claim in claims, "no shared claim at /mnt/shared"
         assert claims[claim]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+# --- cluster/rayjob.yaml: one run as a KubeRay RayJob, data and run on object storage ------------
+
+
+def _rayjob() -> dict:
+    docs = [d for d in yaml.safe_load_all((CLUSTER / "rayjob.yaml").read_text()) if d]
+    assert len(docs) == 1 and docs[0]["kind"] == "RayJob" and docs[0]["apiVersion"] == "ray.io/v1"
+    return docs[0]
+
+
+def _pods(spec: dict) -> list[dict]:
+    return [group["template"]["spec"] for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
+
+
+def test_rayjob_runs_on_a_cluster_shaped_like_the_kuberay_one_that_it_removes_after():
+    job = _rayjob()
+    spec = job["spec"]
+    _check_ray_cluster_spec(spec["rayClusterSpec"])
+    assert {c["image"] for pod in _pods(spec["rayClusterSpec"]) for c in pod["containers"]} \
+        == {c["image"] for pod in _pods(_kuberay()[0]["spec"]) for c in pod["containers"]}
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["submissionMode"] == "K8sJobMode"
+    assert "working_dir" in yaml.safe_load(spec["runtimeEnvYAML"])  # the code travels with the job
+
+
+def test_rayjob_entrypoint_is_launch_py_with_data_and_run_on_object_storage():
+    from progan.config import load_config
+
+    words = shlex.split(_rayjob()["spec"]["entrypoint"])
+    assert words[:2] == ["python", "launch.py"]
+    args = words[2:]
+    flags = {a.split("=")[0] for a in args if a.startswith("--")}
+    assert flags <= _flags(REPO / "launch.py"), flags - _flags(REPO / "launch.py")
+    assert args[args.index("--address") + 1] == "auto"
+    overrides = [a for a in args if not a.startswith("-") and "=" in a]
+    cfg = load_config(REPO / args[args.index("--config") + 1], overrides)  # raises on a bad key
+    assert cfg.cluster.use_gpu == "true"
+    assert args[args.index("--data") + 1].startswith("s3://")
+    assert args[args.index("--storage") + 1].startswith("s3://")
+
+
+def test_rayjob_pods_share_no_disk_and_get_credentials_from_a_secret_only():
+    """Nothing assumes a shared disk (no volumes at all), every pod that touches the bucket gets
+    the AWS variables from one Secret, and no credential value is written in the file."""
+    pods = _pods(_rayjob()["spec"]["rayClusterSpec"])
+    secrets = set()
+    for pod in pods:
+        assert not pod.get("volumes")
+        for container in pod["containers"]:
+            assert not container.get("volumeMounts")
+            secrets |= {source["secretRef"]["name"] for source in container["envFrom"]}
+            assert not [e for e in container.get("env", []) if e["name"].startswith("AWS_")]
+    assert len(secrets) == 1
+    assert not re.search(r"AWS_SECRET_ACCESS_KEY=(?!\.\.\.)", (CLUSTER / "rayjob.yaml").read_text())
 
 
 # --- cluster/README.md: the commands name things that exist --------------------------------------
