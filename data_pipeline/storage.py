@@ -8,14 +8,16 @@ so no secret is ever passed on a command line or written into a file by this pro
 
 Object stores have no folders, no rename and no append: `write_bytes` puts a whole object
 (atomic by nature: a reader sees the old object or the new one), and `append_text` reads the
-object and puts it back longer (fine for small, rarely written logs; not safe against two
-writers at the same instant).
+object and puts it back longer, then checks its lines are there (for small, rarely written logs:
+each append costs the whole object twice).
 """
 from __future__ import annotations
 
 import os
 import posixpath
+import random
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -104,14 +106,24 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     fs.pipe_file(path, data)
 
 
+APPEND_TRIES = 8
+
+
 def append_text(location: str | os.PathLike, text: str) -> None:
-    """Adds `text` at the end: a plain append locally, a read and a longer put on object storage."""
+    """Adds `text` at the end: a plain append locally; on object storage a read and a longer put,
+    read back to check: two writers at once (every rank logging its error) can each put a copy
+    without the other's lines, so a writer whose lines are gone puts them again."""
     if not is_remote(location):
         path = local_path(location)
         with open(path, "a") as file:
             file.write(text)
         return
-    write_bytes(location, read_text_or_empty(location).encode() + text.encode())
+    for attempt in range(APPEND_TRIES):
+        write_bytes(location, read_text_or_empty(location).encode() + text.encode())
+        time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))  # lets a racing writer's put land first
+        if text in read_text_or_empty(location):
+            return
+    raise OSError(f"{location}: lines written {APPEND_TRIES} times were overwritten each time")
 
 
 def upload(local_file: str | os.PathLike, location: str | os.PathLike) -> None:

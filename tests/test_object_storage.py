@@ -165,3 +165,24 @@ def test_a_run_on_the_bucket_trains_then_resumes_from_it(s3, s3_shards, cluster,
              .decode().splitlines()]
     assert max(s["kimg"] for s in stats) == pytest.approx(0.64) and stats[-1]["resolution"] == 16
     assert any(name.startswith("samples/res016_") for name in object_names(s3, run))
+
+
+def test_the_same_error_twice_stops_a_run_on_the_bucket(s3, s3_shards, cluster):
+    """The repeated-error policy reads events.jsonl back from the bucket: every rank logs the same
+    error at once (two writers of one object: none of their lines may be lost), and the attempt
+    after the repeat stops the run instead of spending all of cluster.max_failures."""
+    from conftest import tiny_config
+    from progan.trainer import build_trainer
+
+    _, shards = s3_shards
+    run = f"s3://{BUCKET}/runs/same-error"
+    cfg = tiny_config("cluster.max_failures=5")
+    build_trainer(cfg, run, shards, workers=2, train_slot=True,
+                  extra_loop_config={"test_hooks": {"error_after_kimg": 0.09}}).fit()
+    events = read_events(s3, run)
+    assert [e["event"] for e in events if e["event"] in ("start", "resume")] == ["start", "resume"]
+    errors = [e for e in events if e["event"] == "worker_error"]
+    assert sorted(e["rank"] for e in errors) == [0, 0, 1, 1]  # both ranks, both attempts: no line lost
+    assert {e["signature"] for e in errors} == {"ValueError: test hook: the same error on every attempt, at kimg #.#"}
+    stopped = [e for e in events if e["event"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["reason"].startswith("the same error in two attempts in a row")
