@@ -168,9 +168,9 @@ def test_a_run_on_the_bucket_trains_then_resumes_from_it(s3, s3_shards, cluster,
 
 
 def test_the_same_error_twice_stops_a_run_on_the_bucket(s3, s3_shards, cluster):
-    """The repeated-error policy reads events.jsonl back from the bucket: every rank logs the same
-    error at once (two writers of one object: none of their lines may be lost), and the attempt
-    after the repeat stops the run instead of spending all of cluster.max_failures."""
+    """The repeated-error policy reads events.jsonl back from the bucket, where each failing rank
+    logs its error, and the attempt after the repeat stops the run instead of spending all of
+    cluster.max_failures. (Ray may kill a rank before it logs: the other rank's line suffices.)"""
     from conftest import tiny_config
     from progan.trainer import build_trainer
 
@@ -182,7 +182,42 @@ def test_the_same_error_twice_stops_a_run_on_the_bucket(s3, s3_shards, cluster):
     events = read_events(s3, run)
     assert [e["event"] for e in events if e["event"] in ("start", "resume")] == ["start", "resume"]
     errors = [e for e in events if e["event"] == "worker_error"]
-    assert sorted(e["rank"] for e in errors) == [0, 0, 1, 1]  # both ranks, both attempts: no line lost
+    assert len(errors) >= 2 and {e["rank"] for e in errors} <= {0, 1}
     assert {e["signature"] for e in errors} == {"ValueError: test hook: the same error on every attempt, at kimg #.#"}
     stopped = [e for e in events if e["event"] == "stopped"]
     assert len(stopped) == 1 and stopped[0]["reason"].startswith("the same error in two attempts in a row")
+
+
+def test_dataloader_processes_stream_from_the_bucket(s3, s3_shards):
+    """data.loader_workers > 0: the shards are opened in forked DataLoader processes, each with its
+    own S3 client (fsspec's clients do not survive a fork)."""
+    from data_pipeline.loader import BatchReader, FaceStream
+
+    _, url = s3_shards
+    reader = BatchReader(FaceStream(url, 0, 1, seed=0, shuffle_buffer=8), mirror=False, seed=0, loader_workers=2)
+    try:
+        batches = [reader.next_batch(16, 8) for _ in range(6)]  # 96 images: past a pass of the shards
+    finally:
+        reader.close()
+    assert all(batch.shape == (16, 3, 8, 8) and -1 <= batch.min() <= batch.max() <= 1 for batch in batches)
+
+
+def test_appends_at_the_same_time_keep_every_line(s3):
+    """Ranks logging at the same instant each put the object again with their line: a writer
+    whose line another put dropped puts it again (a plain read-and-put kept 5 of 20 lines here)."""
+    import threading
+
+    from data_pipeline import storage
+
+    url = f"s3://{BUCKET}/appends/events.jsonl"
+
+    def write_lines(writer: int) -> None:
+        for line in range(5):
+            storage.append_text(url, f"{writer}-{line}\n")
+
+    threads = [threading.Thread(target=write_lines, args=(writer,)) for writer in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(storage.read_text(url).splitlines()) == sorted(f"{w}-{n}" for w in range(4) for n in range(5))
