@@ -288,7 +288,8 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
     which older checkpoint the run continues from when the newest does not load (the training
     loop makes the same choice and records it in events.jsonl)."""
     if isinstance(run_dir, storage.RemotePath):
-        return  # not downloaded here: the training loop loads (and checks) the newest checkpoint
+        check_remote_resume(cfg, run_dir)
+        return
     # imports torch: only a resume pays for it here
     from progan.checkpoint import CheckpointError, load_usable_checkpoint, run_checkpoints
 
@@ -302,6 +303,32 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
     for reason in skipped:
         print(f"[launch] {reason}; resuming from the older {used.name} (kimg {state['images_seen'] / 1000:.3f})",
               file=sys.stderr, flush=True)
+
+
+def check_remote_resume(cfg: Config, run_dir: storage.RemotePath) -> None:
+    """For a run on object storage: its newest checkpoint, downloaded, must fit the config's
+    networks. (An unreadable newest checkpoint is left to the training loop, which on object
+    storage does not fall back to older ones.)"""
+    from progan.checkpoint import FILENAME, CheckpointMismatch, load_checkpoint
+
+    try:
+        newest = max((name for name in storage.subfolders(run_dir) if name.startswith("checkpoint_")), default=None)
+        if newest is None:
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / newest / FILENAME
+            local.parent.mkdir()
+            local.write_bytes((run_dir / newest / FILENAME).read_bytes())
+            try:
+                load_checkpoint(local, cfg.to_dict()["model"])
+            except CheckpointMismatch as exc:
+                raise UsageError(str(exc).replace(str(local.parent), str(run_dir / newest)))
+            except Exception:
+                pass  # unreadable here: the training loop reports it in events.jsonl
+    except UsageError:
+        raise
+    except Exception as exc:  # the bucket unreachable mid-way: one line, not a traceback
+        raise UsageError(f"--resume {run_dir}: cannot read its checkpoints ({storage.describe_error(exc)})")
 
 
 def preload_trainer() -> None:

@@ -157,6 +157,19 @@ def file_sizes(folder: str | os.PathLike) -> dict[str, int]:
             if entry["type"] == "file"}
 
 
+def subfolders(folder: str | os.PathLike) -> list[str]:
+    """Names of the folders (on object storage: the common prefixes) directly in `folder`."""
+    if not is_remote(folder):
+        path = local_path(folder)
+        return [entry.name for entry in path.iterdir() if entry.is_dir()] if path.is_dir() else []
+    fs, path = filesystem(folder)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return [posixpath.basename(entry["name"].rstrip("/")) for entry in entries if entry["type"] == "directory"]
+
+
 def open_binary(location: str | os.PathLike) -> BinaryIO:
     """A file object to read from the start, streamed (an object is fetched in blocks as it is
     read, never copied to local disk first)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -23,6 +24,7 @@ import pytest
 
 REGION = "us-east-1"
 READY_TIMEOUT_S = 90
+START_TRIES = 3
 
 
 def weed_binary() -> str:
@@ -34,18 +36,31 @@ def weed_binary() -> str:
     return found
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free on 127.0.0.1 right now (held open together, so no repeats)."""
-    sockets = []
+def ephemeral_port_range() -> tuple[int, int]:
     try:
-        for _ in range(count):
-            probe = socket.socket()
-            probe.bind(("127.0.0.1", 0))
-            sockets.append(probe)
-        return [probe.getsockname()[1] for probe in sockets]
-    finally:
-        for probe in sockets:
-            probe.close()
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 right now, between Ray's worker ports (10002 to
+    19999 by default) and the ephemeral range: a port the kernel hands out for outgoing
+    connections (weed's own, Ray's) could be taken before weed binds it."""
+    low = ephemeral_port_range()[0]
+    candidates = random.sample(range(20000, low), min(low - 20000, 4 * count))
+    ports = []
+    for port in candidates:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"no {count} free ports between 20000 and {low}")
 
 
 class SeaweedS3:
@@ -81,12 +96,21 @@ class SeaweedS3:
         ]
 
     def start(self) -> SeaweedS3:
+        """Starts weed; on a port taken between our check and weed's bind, again on other ports."""
         (self.folder / "data").mkdir(parents=True, exist_ok=True)
-        command = self._command(self._write_identities())
-        self.log = open(self.folder / "weed.log", "wb")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
-                                        cwd=self.folder, start_new_session=True)
-        self._wait_until_ready()
+        identities = self._write_identities()
+        for attempt in range(START_TRIES):
+            self.log = open(self.folder / "weed.log", "wb")
+            self.process = subprocess.Popen(self._command(identities), stdout=self.log, stderr=subprocess.STDOUT,
+                                            cwd=self.folder, start_new_session=True)
+            try:
+                self._wait_until_ready()
+                return self
+            except RuntimeError:
+                port_taken = "address already in use" in self._log_tail(lines=400)
+                self.stop()
+                if not port_taken or attempt == START_TRIES - 1:
+                    raise
         return self
 
     def _wait_until_ready(self) -> None:
@@ -111,9 +135,9 @@ class SeaweedS3:
                                        f"{self._log_tail()}")
             time.sleep(0.5)
 
-    def _log_tail(self) -> str:
+    def _log_tail(self, lines: int = 5) -> str:
         text = (self.folder / "weed.log").read_text(errors="replace")
-        return " | ".join(text.strip().splitlines()[-5:])
+        return " | ".join(text.strip().splitlines()[-lines:])
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

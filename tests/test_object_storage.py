@@ -166,6 +166,13 @@ def test_a_run_on_the_bucket_trains_then_resumes_from_it(s3, s3_shards, cluster,
     assert max(s["kimg"] for s in stats) == pytest.approx(0.64) and stats[-1]["resolution"] == 16
     assert any(name.startswith("samples/res016_") for name in object_names(s3, run))
 
+    # a config whose networks do not fit the bucket's newest checkpoint: refused before Ray starts
+    other = subprocess.run([sys.executable, str(REPO / "launch.py"), "--resume", run, "--override-config",
+                            "model.latent_size=32"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {run}/checkpoint_")
+    assert "model.latent_size is 16 there but 32 in the config" in other.stderr
+
 
 def test_the_same_error_twice_stops_a_run_on_the_bucket(s3, s3_shards, cluster):
     """The repeated-error policy reads events.jsonl back from the bucket, where each failing rank
