@@ -86,6 +86,23 @@ def test_a_rerun_on_the_bucket_is_a_quick_no_op(s3, s3_shards, cluster):
     assert after == before  # nothing rewritten
 
 
+def test_overwrite_on_the_bucket_replaces_the_output_and_drops_extra_shards(s3, s3_shards, cluster):
+    """--overwrite over an earlier output (other settings, one shard more): the manifest goes first,
+    the new shards, rejects and manifest arrive, and the old output's extra shard is removed."""
+    from data_pipeline.manifest import read_manifest
+
+    photos, url = s3_shards
+    target = f"s3://{BUCKET}/overwritten"
+    fs = s3.filesystem()
+    old = dict(read_manifest(url), resolution=32)
+    fs.pipe_file(f"{BUCKET}/overwritten/manifest.json", json.dumps(old).encode())
+    fs.pipe_file(f"{BUCKET}/overwritten/shard-000999.tar", b"an earlier output's shard")
+    make_shards(photos, target, cluster.cluster.address, "--overwrite", "--shard-size", "32")
+    manifest = read_manifest(target)
+    assert manifest["resolution"] == 16 and manifest["config"]["shard_size"] == 32
+    assert set(object_names(s3, target)) == {s["file"] for s in manifest["shards"]} | {"manifest.json", "rejects.jsonl"}
+
+
 def test_wrong_credentials_stop_the_pipeline_in_one_line_without_the_secret(s3, s3_shards):
     photos, _ = s3_shards
     env = s3.environ({**os.environ})
