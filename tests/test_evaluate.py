@@ -345,9 +345,13 @@ def test_bad_input_gives_one_line_and_exit_code_2(run_dir, halves, tmp_path, cap
     corrupt.parent.mkdir()
     corrupt.write_bytes(b"not a checkpoint at all")
     cases["unreadable"] = ["--checkpoint", corrupt, "--data", halves[0]]
+    cases[f"Inception weights {corrupt}: unreadable"] = ["--checkpoint", run_dir, "--data", halves[0],
+                                                          "--metric", "fid", "--inception-weights", corrupt]
     cfg = small_config("model.max_resolution=64")
     big = save_generator(tmp_path / "at64", cfg, untrained_generator(cfg), 64)
     cases["stored at 32x32, below the checkpoint's 64x64"] = ["--checkpoint", big, "--data", halves[0]]
+    tiny = save_generator(tmp_path / "at4", cfg, untrained_generator(cfg), 4)
+    cases["SWD needs images of at least 8x8"] = ["--checkpoint", tiny, "--data", halves[0]]
     if not torch.cuda.is_available():
         cases["no usable CUDA GPU"] = ["--checkpoint", run_dir, "--data", halves[0], "--device", "cuda"]
     for expected, args in cases.items():
