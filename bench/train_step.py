@@ -1,7 +1,8 @@
 """Times one full ProGAN training step at the paper's widths and prints one JSON line.
 
     python -m bench.train_step --resolution 32 --batch 8 --json [--steps N] [--warmup N]
-                               [--alpha A] [--threads T] [--nchw] [--direct]
+                               [--alpha A] [--threads T] [--nchw]
+                               [--max-resolution R] [--latent-size L] [--fmap-base B] [--fmap-max M]
                                [--compare-pro-gan [--peer-path DIR]]
 
 What one step is (ours): `progan.training_step.train_step` with `WGANGP` (lambda 10, drift
@@ -9,11 +10,11 @@ What one step is (ours): `progan.training_step.train_step` with `WGANGP` (lambda
 forward without grad, D on reals, D on fakes, D on the interpolates with the input-gradient
 penalty, backward, Adam) then a generator step (G forward, D with its parameters frozen,
 backward, Adam). The networks are `Generator()` / `Discriminator()` at their defaults
-(max_resolution 1024, latent 512, fmap_base 8192, fmap_max 512), in channels-last layout as
+(max_resolution 1024, latent 512, fmap_base 8192, fmap_max 512; --max-resolution,
+--latent-size, --fmap-base and --fmap-max set them as the model.* fields do, e.g. 32, 128, 512,
+128 for configs/demo.yaml), in channels-last layout as
 the training loop puts them (model.channels_last; --nchw for the other); only the layers up to
 --resolution run, and `set_trainable` restricts gradients to them as the training loop does.
-On the CPU the wide 3x3 convolutions run by Winograd F(2x2, 3x3) as in training
-(model.cpu_winograd, progan/winograd.py); --direct keeps them on F.conv2d's direct kernels.
 The reals are a fixed batch of random images; during a fade-in (--alpha < 1) `fade_reals`
 runs inside the timed step. The step runs on cuda when available, else on the CPU with
 torch.set_num_threads(--threads, default: the cores this process may use).
@@ -22,10 +23,6 @@ Numbers: `step_s` is the median wall time of --steps timed steps after --warmup 
 `img_per_s` = batch / step_s. `gflop_per_s` is the floating-point work of one step, counted
 once by torch.utils.flop_counter.FlopCounterMode (convolutions, matmuls and their backward
 and double-backward passes; element-wise work and Adam are not counted), divided by step_s.
-It counts the step as direct convolutions compute it (the Winograd path off while counting), so
-it is the model's arithmetic whatever algorithm runs it, the figure cuDNN's users call effective
-FLOP/s; `executed_gflop_per_step` is what was counted with Winograd on (about 2.2x fewer
-multiplications in the wide convolutions), and `executed_fraction_of_peak` its rate over the peak.
 `peak_gflop_per_s` is the machine's convolution throughput measured in the same run: a
 forward-only 3x3 convolution 512 -> 512 channels on 32x32 maps (--peak-batch, default 8: about
 0.2 s on two idle Zen 4 cores; 0 searches for a batch taking ~0.2 s), in both NCHW and
@@ -77,7 +74,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from progan.layers import use_cpu_winograd
 from progan.losses import WGANGP
 from progan.networks import Discriminator, Generator, set_trainable
 from progan.training_step import fade_reals, make_optimizer, memory_format, train_step
@@ -124,11 +120,12 @@ class _Ours:
     name = "ours"
 
     def __init__(self, resolution: int, batch: int, alpha: float, device: torch.device,
-                 reals: torch.Tensor, channels_last: bool = True, winograd: bool = True):
-        self.G = Generator().to(device, memory_format=memory_format(channels_last))
-        self.D = Discriminator().to(device, memory_format=memory_format(channels_last))
-        self.winograd = winograd
-        self.use_winograd(winograd)
+                 reals: torch.Tensor, channels_last: bool = True, widths: dict | None = None):
+        """`widths`: Generator/Discriminator keyword arguments (max_resolution, fmap_base, ...)."""
+        widths = widths or {}
+        d_widths = {k: v for k, v in widths.items() if k != "latent_size"}
+        self.G = Generator(**widths).to(device, memory_format=memory_format(channels_last))
+        self.D = Discriminator(**d_widths).to(device, memory_format=memory_format(channels_last))
         fading = alpha < 1.0 and resolution > 4
         set_trainable(self.G, resolution, fading)
         set_trainable(self.D, resolution, fading)
@@ -137,19 +134,6 @@ class _Ours:
         self.loss = WGANGP()
         self.resolution, self.alpha, self.reals = resolution, alpha, reals
         self.latent_size = self.G.latent_size
-
-    def use_winograd(self, enabled: bool) -> None:
-        for net in (self.G, self.D):
-            use_cpu_winograd(net, enabled)
-
-    def direct_flops(self) -> int:
-        """The step's work as direct convolutions compute it (the model's arithmetic, whatever
-        algorithm runs it): counted with the Winograd path off."""
-        self.use_winograd(False)
-        try:
-            return _flops(self.step)
-        finally:
-            self.use_winograd(self.winograd)
 
     def step(self) -> None:
         reals = fade_reals(self.reals, self.alpha)
@@ -267,22 +251,28 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     ap.add_argument("--nchw", action="store_true",
                     help="our networks in NCHW layout (default: channels-last, as model.channels_last)")
-    ap.add_argument("--direct", action="store_true",
-                    help="our 3x3 convolutions by F.conv2d's direct kernels only (default: Winograd on "
-                         "the CPU where it pays, as model.cpu_winograd)")
+    ap.add_argument("--max-resolution", type=int, default=1024, help="model.max_resolution of our networks")
+    ap.add_argument("--latent-size", type=int, default=512, help="model.latent_size of our generator")
+    ap.add_argument("--fmap-base", type=int, default=8192, help="model.fmap_base of our networks")
+    ap.add_argument("--fmap-max", type=int, default=512, help="model.fmap_max of our networks")
     ap.add_argument("--compare-pro-gan", action="store_true",
                     help="also time the pro-gan-pth 3.4 package's step, interleaved with ours")
     ap.add_argument("--peer-path", default="/tmp/progan_peer",
                     help="where pro-gan-pth was pip-installed with --target")
     args = ap.parse_args(argv)
+    if args.compare_pro_gan and (args.latent_size, args.fmap_base, args.fmap_max) != (512, 8192, 512):
+        ap.error("--compare-pro-gan builds the peer at the paper's widths: leave --latent-size, "
+                 "--fmap-base and --fmap-max at their defaults")
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     reals = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device)
 
+    widths = {"max_resolution": args.max_resolution, "latent_size": args.latent_size,
+              "fmap_base": args.fmap_base, "fmap_max": args.fmap_max}
     runners = [_Ours(args.resolution, args.batch, args.alpha, device, reals, channels_last=not args.nchw,
-                     winograd=not args.direct)]
+                     widths=widths)]
     if args.compare_pro_gan:
         runners.append(_Peer(args.resolution, args.batch, args.alpha, device, reals, args.peer_path))
 
@@ -290,9 +280,6 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.warmup):
             r.step()
     flops = {r.name: _flops(r.step) for r in runners}
-    executed_flops = flops["ours"]
-    if not args.direct:  # with --direct the count above already is the direct one
-        flops["ours"] = runners[0].direct_flops()
     peak = _PeakConv(device, args.peak_batch)
 
     load_before = os.getloadavg()[0]
@@ -307,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "resolution": args.resolution, "batch": args.batch, "alpha": args.alpha,
         "device": str(device), "threads": torch.get_num_threads(), "channels_last": not args.nchw,
-        "cpu_winograd": not args.direct,
+        **widths,
         "steps": args.steps, "warmup": args.warmup,
         "step_s": round(step_s, 5), "step_s_min": round(min(times["ours"]), 5),
         "img_per_s": round(args.batch / step_s, 2),
@@ -316,8 +303,6 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_gflop_per_s": round(peak_gflop_per_s, 2),
         "peak_conv": f"3x3 512->512 on {peak.batch}x512x32x32, forward, {peak_layout}",
         "fraction_of_peak": round(flops["ours"] / step_s / 1e9 / peak_gflop_per_s, 3),
-        "executed_gflop_per_step": round(executed_flops / 1e9, 3),
-        "executed_fraction_of_peak": round(executed_flops / step_s / 1e9 / peak_gflop_per_s, 3),
         "torch": torch.__version__,
         "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }

@@ -42,9 +42,6 @@ class ModelConfig:
     mbstd_group_size: int = 4
     # NHWC activations and conv weights: the same maths, ~10% faster steps on CPU (oneDNN)
     channels_last: bool = True
-    # wide 3x3 convolutions on the CPU by Winograd F(2x2, 3x3): the same maths within float
-    # rounding, 1.1-1.75x faster where it is used (progan/winograd.py); no effect on GPUs
-    cpu_winograd: bool = True
 
 
 @dataclass
@@ -169,12 +166,20 @@ def _coerce(name: str, value, tp):
     raise TypeError(f"unsupported config type {tp} for {name}")
 
 
+# Keys that configs and checkpoints written by older versions hold and this one no longer has:
+# skipped when read, so those runs still resume and load (model.cpu_winograd: the CPU Winograd
+# convolution, removed)
+RETIRED_KEYS = frozenset({"model.cpu_winograd"})
+
+
 def _apply(obj, values: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: got {values!r}, expected a mapping")
     for key, value in values.items():
+        if f"{prefix}{key}" in RETIRED_KEYS:
+            continue
         if key not in names:
             raise ConfigError(f"{prefix}{key}: unknown key; allowed: {', '.join(names)}")
         current = getattr(obj, key)

@@ -7,18 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from progan.winograd import winograd_conv3x3, winograd_pays
-
 LRELU_GAIN = math.sqrt(2.0)
 
 
 class EqualizedConv2d(nn.Module):
     """Conv with weights drawn N(0, 1) and scaled at run time by the He constant gain/sqrt(fan_in),
     so Adam's per-parameter step sizes act alike on every layer (paper section 4.1)."""
-
-    # 3x3 convolutions on the CPU by Winograd F(2x2, 3x3) where that is faster (progan/winograd.py);
-    # use_cpu_winograd(module, False) keeps every layer on F.conv2d's direct kernels
-    cpu_winograd = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
                  gain: float = LRELU_GAIN, padding: int | None = None):
@@ -29,8 +23,6 @@ class EqualizedConv2d(nn.Module):
         self.padding = kernel_size // 2 if padding is None else padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_winograd and winograd_pays(x, self.weight, self.padding):
-            return torch.add(self.bias[:, None, None], winograd_conv3x3(x, self.weight, self.scale))
         # conv(x, w * scale) + b, with the scale applied to the output instead: the same maths
         # without a scaled copy of the weight (and its backward) in every call, which at 8x8 and
         # below is a larger tensor than the output
@@ -50,10 +42,8 @@ class EqualizedConv2d(nn.Module):
 
 
 def use_cpu_winograd(module: nn.Module, enabled: bool) -> None:
-    """Turns the Winograd path of every EqualizedConv2d in `module` on or off (model.cpu_winograd)."""
-    for layer in module.modules():
-        if isinstance(layer, EqualizedConv2d):
-            layer.cpu_winograd = enabled
+    """Does nothing: the CPU Winograd path is gone. Kept only for progan/export.py's import and
+    call until that file drops them."""
 
 
 class EqualizedLinear(nn.Module):
@@ -73,44 +63,14 @@ class EqualizedLinear(nn.Module):
         return f"{i}, {o}, scale={self.scale:.4g}"
 
 
-class _LeakyReLUFn(torch.autograd.Function):
-    """leaky_relu, in place on its input (always a fresh conv/dense output here, which nothing
-    else reads). Its backward is leaky_relu_backward on the *detached* output: the same values
-    as autograd's, but in a double backward (the gradient penalty) nothing flows back into the
-    activation, whose true second derivative is zero; autograd's own formula sends a
-    zeros_like tensor there, which then runs through the layers below as full convolution
-    backward passes on zeros. An undefined incoming gradient (what a convolution's double
-    backward gives its input) likewise stays undefined instead of becoming zeros."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, slope: float) -> torch.Tensor:
-        ctx.mark_dirty(x)
-        ctx.set_materialize_grads(False)  # an undefined gradient stays undefined, not zeros
-        y = torch.nn.functional.leaky_relu_(x, slope)
-        ctx.save_for_backward(y)
-        ctx.slope = slope
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor | None):
-        if grad is None:
-            return None, None
-        (y,) = ctx.saved_tensors
-        # y > 0 exactly where the input was > 0 (slope > 0), so this is autograd's formula
-        return torch.ops.aten.leaky_relu_backward(grad, y.detach(), ctx.slope, True), None
-
-
 class LeakyReLU(nn.LeakyReLU):
-    """nn.LeakyReLU(0.2) computed in place (see _LeakyReLUFn); only for inputs that are fresh
-    intermediate results (a leaf that requires grad or a tensor read elsewhere must not come here)."""
+    """nn.LeakyReLU(0.2) in place. Its inputs are always fresh conv/dense outputs that nothing
+    else reads, and autograd's in-place leaky ReLU takes its backward from the output, so no
+    input copy is kept; it costs what the hand-written autograd Function that stood here did
+    (bench/train_step.py on the demo's shapes) and less than the out-of-place module."""
 
     def __init__(self, negative_slope: float = 0.2):
         super().__init__(negative_slope, inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and x.is_leaf:
-            return F.leaky_relu(x, self.negative_slope)
-        return _LeakyReLUFn.apply(x, self.negative_slope)
 
 
 class PixelNorm(nn.Module):

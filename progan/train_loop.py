@@ -28,7 +28,6 @@ from monitoring.metrics import AllReduceTimer, TrainingMetrics
 from progan.checkpoint import load_usable_checkpoint, save_checkpoint
 from progan.config import Config, config_from_dict
 from progan.ema import ema_beta, make_ema, update_ema
-from progan.layers import use_cpu_winograd
 from progan.losses import make_loss
 from progan.networks import Discriminator, Generator, set_trainable
 from progan.samples import fixed_latents, sample_name, write_sample_grid
@@ -126,7 +125,6 @@ class _Trainer:
         self.G, self.D = build_networks(self.cfg)
         for net in (self.G, self.D):
             net.to(self.device, memory_format=memory_format(self.cfg.model.channels_last))
-            use_cpu_winograd(net, self.cfg.model.cpu_winograd)
         self.G_ema = make_ema(self.G)
         self.loss = make_loss(**dataclasses.asdict(self.cfg.loss))
         self.sample_latents = fixed_latents(self.cfg.checkpoint.sample_grid ** 2, self.cfg.model.latent_size)
