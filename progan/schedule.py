@@ -73,6 +73,34 @@ def total_kimg(phases: list[Phase]) -> float:
 
 
 def worker_batch(global_batch: int, world_size: int) -> int:
-    """Each worker's share; the global batch is rounded down to a multiple of the world size,
-    as the official code does for GPUs."""
+    """The old share, rounded down (32 on 3 workers trained at 30). The loop uses batch_shares;
+    this stays only while tests/test_config.py still checks it."""
     return max(1, global_batch // world_size)
+
+
+def batch_shares(global_batch: int, world_size: int, group_size: int = 1) -> list[int]:
+    """Each rank's share of the global minibatch, in rank order, summing to it exactly.
+
+    Whole minibatch-stddev groups (`group_size` consecutive images) are dealt out as evenly as
+    possible, so the shares differ by at most one group and every rank's groups are the ones
+    the whole batch forms on one worker (progan/layers.py MinibatchStddev): 32 images in
+    groups of 4 on 3 workers are 12 + 12 + 8. When the global batch is not a whole number of
+    groups, or has fewer groups than there are ranks, single images are dealt out instead
+    (shares differ by at most one image; the layer then takes the largest group dividing each
+    share). Every rank needs an image: with fewer images than ranks each gets one, and the
+    global batch trained is the world size."""
+    if global_batch < world_size:
+        return [1] * world_size
+    unit = group_size if group_size > 1 and global_batch % group_size == 0 \
+        and global_batch // group_size >= world_size else 1
+    units = global_batch // unit
+    return [unit * (units // world_size + (rank < units % world_size)) for rank in range(world_size)]
+
+
+def share_weights(shares: list[int]) -> list[float]:
+    """Per-rank factors for the losses (per-sample means over each rank's share) such that DDP's
+    gradient, the average over ranks, equals one worker's gradient on the whole global batch:
+    sum_r w_r * mean_r / world = sum_r share_r * mean_r / global, so w_r = share_r * world / global.
+    All 1.0 when the shares are equal."""
+    total, world = sum(shares), len(shares)
+    return [share * world / total for share in shares]

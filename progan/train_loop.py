@@ -31,10 +31,12 @@ from progan.ema import ema_beta, make_ema, update_ema
 from progan.losses import make_loss
 from progan.networks import Discriminator, Generator, set_trainable
 from progan.samples import fixed_latents, sample_name, write_sample_grid
-from progan.schedule import Phase, build_phases, phase_at, worker_batch
+from progan.schedule import Phase, batch_shares, build_phases, phase_at, share_weights
 from progan.training_step import fade_reals, make_optimizer, memory_format, train_step
 
-STAT_KEYS = ("loss_d", "loss_g", "grad_penalty", "score_real", "score_fake")
+# grad_norm: the critic's mean input-gradient norm at the current resolution (near k =
+# max_resolution / resolution once the penalty, on the official full-resolution scale, holds)
+STAT_KEYS = ("loss_d", "loss_g", "grad_penalty", "grad_norm", "score_real", "score_fake")
 STOP_FILE = "STOP"  # `touch RUN_DIR/STOP`: the run saves a checkpoint and ends cleanly
 
 
@@ -265,9 +267,13 @@ class _Trainer:
         for opt in (self.opt_g, self.opt_d):
             for group in opt.param_groups:
                 group["lr"] = phase.lr
-        self.batch = worker_batch(phase.batch, self.world)
+        # the schedule's global batch exactly, split in whole minibatch-stddev groups; each rank's
+        # loss weighted so that DDP's averaged gradient is the one-worker gradient on all of it
+        shares = batch_shares(phase.batch, self.world, self.cfg.model.mbstd_group_size)
+        self.batch, self.global_batch = shares[self.rank], sum(shares)
+        self.loss_weight = share_weights(shares)[self.rank]
         self.log.event("phase", index=phase.index, resolution=phase.resolution, phase=phase.name,
-                       kimg=self.kimg, global_batch=self.batch * self.world, world_size=self.world)
+                       kimg=self.kimg, global_batch=self.global_batch, world_size=self.world)
 
     # ---------------------------------------------------------------- the loop
 
@@ -305,10 +311,11 @@ class _Trainer:
         started = time.perf_counter()
         alpha = phase.alpha(self.kimg)
         stats = train_step(self.G_ddp, self.D_ddp, self.D, self.opt_g, self.opt_d, self.loss,
-                           fade_reals(reals, alpha), phase.resolution, alpha, self.cfg.model.latent_size)
+                           fade_reals(reals, alpha), phase.resolution, alpha, self.cfg.model.latent_size,
+                           loss_weight=self.loss_weight)
         self._stop_on_nonfinite(stats)
         o = self.cfg.optimizer
-        images = self.batch * self.world
+        images = self.global_batch
         update_ema(self.G_ema, self.G, ema_beta(images, o.ema_beta, o.ema_half_life_kimg))
         self.images_seen += images
         self.step += 1
@@ -343,17 +350,19 @@ class _Trainer:
                                      f"at kimg {self.checkpoint_images / 1000:.3f}")
 
     def _log_stats(self, stats: dict, alpha: float, img_per_s: float, data_wait_share: float) -> dict:
-        """Averages the stats over ranks; the same all-reduce carries rank 0's view of the STOP file,
-        so every rank learns of a stop request at the same step."""
+        """Averages the stats over ranks, each weighted by its share of the global batch (so they
+        are means over all of its images); the same all-reduce carries rank 0's view of the STOP
+        file, so every rank learns of a stop request at the same step."""
         stop = float(self.rank == 0 and (self.run_dir / STOP_FILE).exists())
-        values = torch.stack([stats[k].float().cpu() for k in STAT_KEYS] + [torch.tensor(stop * self.world)])
+        values = torch.stack([stats[k].float().cpu() * self.loss_weight for k in STAT_KEYS]
+                             + [torch.tensor(stop * self.world)])
         dist.all_reduce(values)
         values /= self.world
         self.stop_requested = bool(values[-1] > 0)
         record = {"time": time.time(), "kimg": self.kimg, "step": self.step, "resolution": self.phase.resolution,
                   "phase": self.phase.name, "alpha": alpha, "img_per_s": img_per_s, "data_wait_share": data_wait_share,
                   "world_size": self.world,
-                  "global_batch": self.batch * self.world, "lr": self.phase.lr,
+                  "global_batch": self.global_batch, "lr": self.phase.lr,
                   **{k: float(v) for k, v in zip(STAT_KEYS, values)}}
         if not all(math.isfinite(record[k]) for k in STAT_KEYS):
             record["nonfinite"] = True

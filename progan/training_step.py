@@ -34,40 +34,52 @@ def frozen(module: nn.Module):
             p.requires_grad_(True)
 
 
+def resolution_scale_for(D_module: nn.Module, resolution: int) -> float:
+    """k = max_resolution / resolution: how much the official code upscales the images the
+    critic sees, which sets the scale of the input-gradient penalties (progan/losses.py)."""
+    return D_module.max_resolution / resolution
+
+
 def critic_step(G, D, opt_d: torch.optim.Optimizer, loss, reals: torch.Tensor, resolution: int,
-                alpha: float, latent_size: int) -> dict:
+                alpha: float, latent_size: int, resolution_scale: float, loss_weight: float = 1.0) -> dict:
+    """`loss_weight` multiplies the loss before backward (not the returned stats): a rank's
+    share of an uneven split of the global minibatch (progan.schedule.share_weights)."""
     z = torch.randn(reals.shape[0], latent_size, device=reals.device)
     with torch.no_grad():
         fakes = G(z, resolution, alpha)
     opt_d.zero_grad(set_to_none=True)
-    d_loss, stats = loss.critic_loss(lambda x: D(x, resolution, alpha), reals, fakes)
+    d_loss, stats = loss.critic_loss(lambda x: D(x, resolution, alpha), reals, fakes,
+                                     resolution_scale=resolution_scale)
     started = time.perf_counter()
-    d_loss.backward()
+    (d_loss * loss_weight if loss_weight != 1.0 else d_loss).backward()
     stats["backward_seconds"] = time.perf_counter() - started  # host time, with DDP's all-reduces
     opt_d.step()
     return stats
 
 
 def generator_step(G, D_module: nn.Module, opt_g: torch.optim.Optimizer, loss, batch: int,
-                   resolution: int, alpha: float, latent_size: int, device) -> dict:
+                   resolution: int, alpha: float, latent_size: int, device, loss_weight: float = 1.0) -> dict:
     """D_module is the bare critic (not its DDP wrapper): its parameters get no gradient here,
-    so its reducer must not expect any."""
+    so its reducer must not expect any. `loss_weight` as in critic_step."""
     z = torch.randn(batch, latent_size, device=device)
     opt_g.zero_grad(set_to_none=True)
     with frozen(D_module):
         g_loss, stats = loss.generator_loss(lambda x: D_module(x, resolution, alpha), G(z, resolution, alpha))
         started = time.perf_counter()
-        g_loss.backward()
+        (g_loss * loss_weight if loss_weight != 1.0 else g_loss).backward()
         stats["backward_seconds"] = time.perf_counter() - started
     opt_g.step()
     return stats
 
 
 def train_step(G, D, D_module: nn.Module, opt_g, opt_d, loss, reals: torch.Tensor, resolution: int,
-               alpha: float, latent_size: int) -> dict:
-    """Critic step on `reals` (already faded), then a generator step on as many latents."""
-    stats = critic_step(G, D, opt_d, loss, reals, resolution, alpha, latent_size)
-    g_stats = generator_step(G, D_module, opt_g, loss, reals.shape[0], resolution, alpha, latent_size, reals.device)
+               alpha: float, latent_size: int, loss_weight: float = 1.0) -> dict:
+    """Critic step on `reals` (already faded), then a generator step on as many latents. The
+    penalty's scale comes from D_module.max_resolution; `loss_weight` as in critic_step."""
+    stats = critic_step(G, D, opt_d, loss, reals, resolution, alpha, latent_size,
+                        resolution_scale_for(D_module, resolution), loss_weight)
+    g_stats = generator_step(G, D_module, opt_g, loss, reals.shape[0], resolution, alpha, latent_size,
+                             reals.device, loss_weight)
     stats["backward_seconds"] += g_stats.pop("backward_seconds")
     stats.update(g_stats)
     return stats

@@ -19,8 +19,10 @@ from data_pipeline.loader import BatchReader, FaceStream
 from progan.checkpoint import load_checkpoint, run_checkpoints
 from progan.config import config_from_dict, save_config
 from progan.losses import WGANGP
+from progan.schedule import batch_shares, build_phases, share_weights
 from progan.train_loop import build_networks, wrap_for_phase
 from progan.trainer import build_trainer
+from progan.training_step import resolution_scale_for
 
 from conftest import read_jsonl, tiny_config
 
@@ -91,20 +93,26 @@ def test_resume_continues_the_image_count_exactly(interrupted_then_resumed):
 
 
 def critic_and_generator_grads(config: dict) -> None:
-    """One critic and one generator backward on a fixed batch of 8, split across the ranks."""
+    """One critic and one generator backward on a fixed batch, split across the ranks as the
+    training loop splits it (progan.schedule.batch_shares), each rank's losses weighted as the
+    training step weights them (share_weights)."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    G, D = build_networks(config_from_dict(config["config"]))
+    cfg = config_from_dict(config["config"])
+    G, D = build_networks(cfg)
     G_ddp, D_ddp = wrap_for_phase(G, D, 8, True, torch.device("cpu"))
     data = torch.load(config["data"])
-    share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    shares = batch_shares(len(data["z"]), world, cfg.model.mbstd_group_size)
+    share = slice(sum(shares[:rank]), sum(shares[:rank + 1]))
+    weight = share_weights(shares)[rank]
     loss = WGANGP()
     fakes = G_ddp(data["z"][share], 8, 0.5)
-    d_loss, _ = loss.critic_loss(lambda x: D_ddp(x, 8, 0.5), data["reals"][share], fakes.detach(), data["mix"][share])
-    d_loss.backward()
+    d_loss, _ = loss.critic_loss(lambda x: D_ddp(x, 8, 0.5), data["reals"][share], fakes.detach(),
+                                 resolution_scale=resolution_scale_for(D, 8), mix=data["mix"][share])
+    (d_loss * weight).backward()
     D.requires_grad_(False)  # as the training step does: G's loss must not add to D's gradients
     g_loss, _ = loss.generator_loss(lambda x: D(x, 8, 0.5), fakes)
-    g_loss.backward()
+    (g_loss * weight).backward()
     if rank == 0:
         grads = {f"G.{n}": p.grad for n, p in G.named_parameters() if p.grad is not None}
         grads.update({f"D.{n}": p.grad for n, p in D.named_parameters() if p.grad is not None})
@@ -112,12 +120,15 @@ def critic_and_generator_grads(config: dict) -> None:
     ray.train.report({"done": 1})
 
 
-def test_two_workers_with_half_the_batch_match_one_worker(cluster, shards, tmp_path):
-    reals = BatchReader(FaceStream(str(shards), 0, 1, seed=0, shuffle_buffer=1), mirror=False, seed=0).next_batch(8, 8)
+def test_two_and_three_workers_with_uneven_shares_match_one_worker(cluster, shards, tmp_path):
+    """20 images in minibatch-stddev groups of 4: 12 + 8 on two workers, 8 + 8 + 4 on three (the
+    old split trained 18 on three); DDP's averaged gradients equal one worker's on all 20."""
+    reals = BatchReader(FaceStream(str(shards), 0, 1, seed=0, shuffle_buffer=1), mirror=False, seed=0).next_batch(20, 8)
     torch.manual_seed(3)
-    torch.save({"reals": reals, "z": torch.randn(8, 16), "mix": torch.rand(8, 1, 1, 1)}, tmp_path / "data.pt")
+    torch.save({"reals": reals, "z": torch.randn(20, 16), "mix": torch.rand(20, 1, 1, 1)}, tmp_path / "data.pt")
+    assert batch_shares(20, 2, 4) == [12, 8] and batch_shares(20, 3, 4) == [8, 8, 4]
     grads = {}
-    for workers in (1, 2):
+    for workers in (1, 2, 3):
         out = tmp_path / f"grads{workers}.pt"
         TorchTrainer(critic_and_generator_grads, train_loop_config={"data": str(tmp_path / "data.pt"), "out": str(out),
                                                                          "config": tiny_config().to_dict()},
@@ -125,10 +136,12 @@ def test_two_workers_with_half_the_batch_match_one_worker(cluster, shards, tmp_p
                      torch_config=TorchConfig(backend="gloo"),
                      run_config=RunConfig(storage_path=str(tmp_path), name=f"grads{workers}")).fit()
         grads[workers] = torch.load(out)
-    assert grads[1].keys() == grads[2].keys() and len(grads[1]) > 10
+    assert grads[1].keys() == grads[2].keys() == grads[3].keys() and len(grads[1]) > 10
     assert any(k.startswith("D.from_rgb.4.") for k in grads[1])  # the fade-in's old path got gradients
-    for name in grads[1]:
-        torch.testing.assert_close(grads[2][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    for workers in (2, 3):
+        for name in grads[1]:
+            torch.testing.assert_close(grads[workers][name], grads[1][name], rtol=1e-4, atol=1e-6,
+                                       msg=f"{workers} workers: {name}")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -223,3 +236,19 @@ def test_resume_goes_on_from_the_newest_checkpoint_that_loads(interrupted_then_r
     assert len(unusable) == 1 and unusable[0]["resumed_from"] == older.parent.name
     assert [e for e in events if e["event"] == "resume"][-1]["kimg"] == older_kimg
     assert result.metrics["images_seen"] == TOTAL_IMAGES
+
+
+def test_three_workers_train_the_schedules_global_batch_exactly(cluster, shards, tmp_path):
+    """A global batch of 20 on 3 workers trains 20 images a step (8 + 8 + 4), not 18: the stats,
+    the phase event and the image count say so; grad_norm is logged."""
+    cfg = tiny_config("schedule.minibatch_default=20", "schedule.total_kimg=0.12")
+    phases = build_phases(cfg)
+    assert [p.batch for p in phases] == [20]
+    run_dir = tmp_path / "three"
+    result = build_trainer(cfg, run_dir, shards, workers=3).fit()
+    assert result.metrics["images_seen"] == 120 and result.metrics["step"] == 6
+    stats = read_jsonl(run_dir / "stats.jsonl")
+    assert len(stats) == 3
+    assert all(s["world_size"] == 3 and s["global_batch"] == phases[0].batch for s in stats)
+    assert all(s["grad_norm"] > 0 for s in stats)
+    assert [e["global_batch"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "phase"] == [20]
