@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.errors import UserError
+from progan.trained import pick_device
 
 PROG = "python -m progan.evaluate"
 METRICS = ("swd", "fid")
@@ -69,18 +70,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- checks before the work
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: this machine has no usable CUDA GPU")
-    return device
-
 
 def images_per_metric(metrics: list[str], num_images: int | None) -> dict[str, int]:
     if num_images is not None and num_images < 2:
@@ -191,12 +180,12 @@ class SWDEvaluation:
     def add(self, kind: str, images: torch.Tensor) -> None:
         self.sets[kind].add(images)
 
-    def result(self) -> dict:
+    def result(self, progress: bool = True) -> dict:
         from progan.metrics.swd import NHOODS_PER_IMAGE, DIR_REPEATS, DIRS_PER_REPEAT, swd_of_descriptors
 
         real, fake = self.sets["reals"], self.sets["fakes"]
         swd = swd_of_descriptors(real.finalize(), fake.finalize(), real.resolutions,
-                                 seed_for(self.seed, "swd/directions"), self.device, progress=True)
+                                 seed_for(self.seed, "swd/directions"), self.device, progress=progress)
         return {**swd.to_dict(), "unit": "SWD x 1e3", "nhoods_per_image": NHOODS_PER_IMAGE,
                 "projections": DIR_REPEATS * DIRS_PER_REPEAT}
 
@@ -217,11 +206,11 @@ class FIDEvaluation:
         return {"fid": frechet_distance(torch.cat(self.features["reals"]), torch.cat(self.features["fakes"]))}
 
 
-def feed(evaluations: dict, kind: str, batches: Iterator[torch.Tensor]) -> None:
+def feed(evaluations: dict, kind: str, batches: Iterator[torch.Tensor], progress: bool = True) -> None:
     """Hands each evaluation the first `num_images` images of `batches` (one pass for all)."""
     total = max(e.num_images for e in evaluations.values())
     label = "real images" if kind == "reals" else "generated images"
-    with tqdm(total=total, desc=label, unit="img", file=sys.stderr) as bar:
+    with tqdm(total=total, desc=label, unit="img", file=sys.stderr, disable=not progress) as bar:
         done = 0
         while done < total:
             images = next(batches)[: total - done]
@@ -231,6 +220,18 @@ def feed(evaluations: dict, kind: str, batches: Iterator[torch.Tensor]) -> None:
                     evaluation.add(kind, images[:wanted])
             done += images.shape[0]
             bar.update(images.shape[0])
+
+
+@torch.inference_mode()
+def swd_against_shards(trained, shard_dir: str, num_images: int, seed: int, device: torch.device) -> dict:
+    """The SWD of a generator at its resolution and alpha against the shards, computed as this
+    command computes it, without progress bars: the training loop's evaluation at phase ends."""
+    evaluation = SWDEvaluation(trained.resolution, num_images, seed, device)
+    batch = eval_batch_size(trained.resolution)
+    feed({"swd": evaluation}, "reals", real_batches(shard_dir, trained.resolution, trained.config.data.mirror, seed,
+                                                    batch, device, trained.alpha), progress=False)
+    feed({"swd": evaluation}, "fakes", fake_batches(trained, seed, batch), progress=False)
+    return evaluation.result(progress=False)
 
 
 # ---------------------------------------------------------------- output

@@ -48,7 +48,7 @@ from PIL import Image
 from data_pipeline.errors import UserError
 from progan.checkpoint import CheckpointError
 from progan.samples import fixed_latents, grid_image
-from progan.trained import TrainedGenerator, load_trained_generator
+from progan.trained import TrainedGenerator, load_trained_generator, pick_device
 
 PROG = "python -m progan.generate"
 BATCH = 32                  # latents per forward pass
@@ -59,18 +59,6 @@ MAX_SEED = 2 ** 63 - 1
 
 
 # ---------------------------------------------------------------- generation (shared with progan.serve)
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: this machine has no usable CUDA GPU")
-    return device
-
 
 def seeded_latents(count: int, latent_size: int, seed: int) -> torch.Tensor:
     """`count` latents from N(0, I), the same for the same seed on any device (drawn on the CPU)."""

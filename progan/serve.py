@@ -28,10 +28,10 @@ from PIL import Image
 
 from data_pipeline.errors import UserError
 from progan.checkpoint import CheckpointError
-from progan.generate import (MAX_SEED, grid_columns, pick_device, pixels_image, render, seeded_latents,
+from progan.generate import (MAX_SEED, grid_columns, pixels_image, render, seeded_latents,
                              slerp)
 from progan.samples import grid_image
-from progan.trained import TrainedGenerator, load_trained_generator
+from progan.trained import TrainedGenerator, load_trained_generator, pick_device
 
 PROG = "python -m progan.serve"
 STATIC = Path(__file__).with_name("static")

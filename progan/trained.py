@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.errors import UserError
 from progan.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from progan.config import Config, config_from_dict
 from progan.networks import Generator
@@ -45,6 +46,19 @@ class TrainedGenerator:
         self.check_resolution(resolution)
         device = next(self.generator.parameters()).device
         return self.generator(latents.to(device), resolution, self.alpha_at(resolution))
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """--device of the CLIs: auto (the GPU when there is one), cpu, cuda or cuda:N; UserError in one line."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no usable CUDA GPU")
+    return device
 
 
 def load_trained_generator(path: str | Path, raw: bool = False, device: str | torch.device = "cpu") -> TrainedGenerator:
