@@ -73,6 +73,19 @@ def weights_digest(*modules: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The CUDA generator's state when training on `device` is a GPU (latents and penalty mixes
+    are drawn there), else None."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def restore_cuda_rng_state(states: list | None, rank: int, device: torch.device) -> None:
+    """Puts back this rank's CUDA generator state from a checkpoint of the same world size;
+    checkpoints of CPU training, or written before this state was saved, hold none."""
+    if device.type == "cuda" and states and states[rank] is not None:
+        torch.cuda.set_rng_state(states[rank], device)
+
+
 def model_args(cfg: Config) -> dict:
     return dataclasses.asdict(cfg.model)
 
@@ -131,6 +144,7 @@ class _Trainer:
         self.loss = make_loss(**dataclasses.asdict(self.cfg.loss))
         self.sample_latents = fixed_latents(self.cfg.checkpoint.sample_grid ** 2, self.cfg.model.latent_size)
         self.images_seen, self.step = 0, 0
+        self.nonfinite_mark: torch.Tensor | None = None  # see _note_nonfinite
         self.phase: Phase | None = None
         self.opt_g = self.opt_d = None
         self.saved_optimizers: dict | None = None
@@ -174,6 +188,7 @@ class _Trainer:
         rng = state["rng_states"]
         if len(rng) == self.world:  # same world size: every rank continues its own random stream
             torch.set_rng_state(rng[self.rank])
+            restore_cuda_rng_state(state.get("cuda_rng_states"), self.rank, self.device)
         else:
             torch.manual_seed(self.cfg.data.seed * 1000 + 1 + self.rank + self.images_seen)
         self.log.event("resume", world_size=self.world, kimg=self.images_seen / 1000,
@@ -225,7 +240,7 @@ class _Trainer:
             self.stopped = True
             self.log.event("stopped", reason=f"the same error in two attempts in a row: {decision[0]}")
 
-    def _state(self, rng_states: list) -> dict:
+    def _state(self, rng_states: list, cuda_rng_states: list) -> dict:
         return {
             "model_args": model_args(self.cfg), "config": self.cfg.to_dict(),
             "generator": self.G.state_dict(), "discriminator": self.D.state_dict(),
@@ -234,7 +249,7 @@ class _Trainer:
             "images_seen": self.images_seen, "step": self.step,
             "phase_index": self.phase.index, "resolution": self.phase.resolution,
             "fading": self.phase.fading, "alpha": self.phase.alpha(self.kimg),
-            "rng_states": rng_states, "world_size": self.world,
+            "rng_states": rng_states, "cuda_rng_states": cuda_rng_states, "world_size": self.world,
         }
 
     @property
@@ -299,6 +314,7 @@ class _Trainer:
             self._train_one_step(phase, reals, data_wait=time.perf_counter() - waiting_since)
             phase_done = self.images_seen >= round(phase.end_kimg * 1000)
             if phase_done or self.stop_requested or self.images_seen >= self.next_checkpoint:
+                self._stop_if_nonfinite()  # never save weights a NaN has reached
                 self._checkpoint(1.0 if phase_done else phase.alpha(self.kimg))
                 self._after_checkpoint()
             if self.stop_requested:
@@ -313,7 +329,7 @@ class _Trainer:
         stats = train_step(self.G_ddp, self.D_ddp, self.D, self.opt_g, self.opt_d, self.loss,
                            fade_reals(reals, alpha), phase.resolution, alpha, self.cfg.model.latent_size,
                            loss_weight=self.loss_weight)
-        self._stop_on_nonfinite(stats)
+        self._note_nonfinite(stats)
         o = self.cfg.optimizer
         images = self.global_batch
         update_ema(self.G_ema, self.G, ema_beta(images, o.ema_beta, o.ema_half_life_kimg))
@@ -325,6 +341,7 @@ class _Trainer:
         self.window_images += images
         self.window_wait += data_wait
         if self.step % self.cfg.monitoring.log_every_steps == 0:
+            self._stop_if_nonfinite()
             elapsed = max(time.perf_counter() - self.window_start, 1e-9)
             self.last_stats = self._log_stats(stats, alpha, self.window_images / elapsed, self.window_wait / elapsed)
             self._reset_window()
@@ -333,15 +350,24 @@ class _Trainer:
         """Throughput and data-wait share are measured over the steps between two stats lines."""
         self.window_start, self.window_images, self.window_wait = time.perf_counter(), 0, 0.0
 
-    def _stop_on_nonfinite(self, stats: dict) -> None:
-        """A NaN/Inf loss on any rank fails this attempt on every rank at the same step (one small
-        all-reduce per step), so Ray Train restarts the workers from the last good checkpoint."""
-        losses = torch.stack([stats["loss_d"], stats["loss_g"]]).float().cpu()
+    def _note_nonfinite(self, stats: dict) -> None:
+        """Marks a NaN/Inf loss on the training device without waiting for the step to finish
+        there (no host synchronisation per step); _stop_if_nonfinite reads the mark."""
+        losses = torch.stack([stats["loss_d"], stats["loss_g"]]).float()
         nan_at = self.test_hooks.get("nan_at_kimg")
         once = not self.resumed or self.test_hooks.get("nan_every_attempt", False)
         if nan_at is not None and once and self.kimg >= nan_at:
             losses[0] = float("nan")  # test hook: a loss blow-up (once per run unless nan_every_attempt)
-        bad = torch.tensor([0.0 if torch.isfinite(losses).all() else 1.0])
+        bad = ~torch.isfinite(losses).all()
+        self.nonfinite_mark = bad if self.nonfinite_mark is None else self.nonfinite_mark | bad
+
+    def _stop_if_nonfinite(self) -> None:
+        """A NaN/Inf loss on any rank since the last look fails this attempt on every rank at the
+        same step, so Ray Train restarts the workers from the last good checkpoint. One small
+        all-reduce (and host sync) every `monitoring.log_every_steps` steps and before each
+        checkpoint: a NaN is caught at most that many steps late and never checkpointed."""
+        mark, self.nonfinite_mark = self.nonfinite_mark, None
+        bad = torch.zeros(1) if mark is None else mark.float().reshape(1).cpu()
         dist.all_reduce(bad)
         if bad.item() > 0:
             self.metrics.count_rollback()
@@ -376,8 +402,9 @@ class _Trainer:
         Before that the ranks compare weight digests: a divergence fails the attempt, so Ray Train
         restarts from the last checkpoint instead of saving weights that differ across ranks."""
         gathered = [None] * self.world
-        dist.all_gather_object(gathered, (torch.get_rng_state(), weights_digest(self.G, self.D)))
-        rng_states = [g[0] for g in gathered]
+        dist.all_gather_object(gathered, (torch.get_rng_state(), weights_digest(self.G, self.D),
+                                          cuda_rng_state(self.device)))
+        rng_states, cuda_rng_states = [g[0] for g in gathered], [g[2] for g in gathered]
         if len({g[1] for g in gathered}) != 1:
             self.log.event("rank_divergence", kimg=self.kimg, digests=[g[1] for g in gathered])
             raise RuntimeError(f"ranks hold different weights at kimg {self.kimg:.3f}")
@@ -396,7 +423,7 @@ class _Trainer:
         metrics["sample_grid"] = str(sample)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(self._state(rng_states), tmp)
+            save_checkpoint(self._state(rng_states, cuda_rng_states), tmp)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         self.metrics.observe_checkpoint(time.perf_counter() - started)
         self.log.event("checkpoint", kimg=self.kimg, sample_grid=str(sample.relative_to(self.run_dir)))

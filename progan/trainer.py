@@ -58,6 +58,13 @@ class BoundStoreTorchConfig(TorchConfig):
         return _BoundStoreTorchBackend
 
 
+def process_group_backend(use_gpu: bool) -> str:
+    """The torch.distributed backend of the workers' process group. On GPUs DDP reduces CUDA
+    gradients (NCCL) while the loop's stats, NaN and STOP all-reduces and its object collectives
+    use CPU tensors, which an NCCL-only group cannot reduce: one group with both backends."""
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+
+
 def _use_gpu(cfg: Config) -> bool:
     if cfg.cluster.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) >= 1
@@ -93,7 +100,7 @@ def build_trainer(cfg: Config, run_dir: Path, shards: str | Path, workers: int,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "shards": storage.absolute(shards),
                            **(extra_loop_config or {})},
         scaling_config=scaling,
-        torch_config=BoundStoreTorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        torch_config=BoundStoreTorchConfig(backend=process_group_backend(scaling.use_gpu)),
         run_config=RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),

@@ -252,3 +252,21 @@ def test_three_workers_train_the_schedules_global_batch_exactly(cluster, shards,
     assert all(s["world_size"] == 3 and s["global_batch"] == phases[0].batch for s in stats)
     assert all(s["grad_norm"] > 0 for s in stats)
     assert [e["global_batch"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "phase"] == [20]
+
+
+def test_nan_between_stats_lines_is_caught_before_the_next_checkpoint(cluster, shards, tmp_path):
+    """Non-finite losses are checked on the device and synchronised only every log_every_steps
+    steps (5 here) and before each checkpoint: a NaN at step 12, which ends at the 0.192 kimg
+    checkpoint, rolls back to the one before (0.128, the end of the 4x4 phase) instead of being
+    saved."""
+    cfg = tiny_config("monitoring.log_every_steps=5", "schedule.total_kimg=0.224", "cluster.max_failures=1")
+    run_dir = tmp_path / "nan"
+    result = build_trainer(cfg, run_dir, shards, workers=2, extra_loop_config={"test_hooks": {"nan_at_kimg": 0.17}}).fit()
+    events = read_jsonl(run_dir / "events.jsonl")
+    rollbacks = [e for e in events if e["event"] == "nan_rollback"]
+    assert len(rollbacks) == 1
+    assert rollbacks[0]["kimg"] == pytest.approx(0.192) and rollbacks[0]["checkpoint_kimg"] == pytest.approx(0.128)
+    assert [e["kimg"] for e in events if e["event"] == "resume"] == [pytest.approx(0.128)]
+    first_attempt = events[:events.index(rollbacks[0])]
+    assert [round(e["kimg"], 3) for e in first_attempt if e["event"] == "checkpoint"] == [0.096, 0.128]
+    assert result.metrics["images_seen"] == 224

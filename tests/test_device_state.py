@@ -1,0 +1,38 @@
+"""GPU paths of the training loop that this CPU-only machine can check by construction: the
+process group's backends and the CUDA generator state in checkpoints (torch.cuda's state
+functions stubbed; the loop only chooses when to call them)."""
+import torch
+
+from progan.checkpoint import load_checkpoint, save_checkpoint
+from progan.train_loop import cuda_rng_state, restore_cuda_rng_state
+from progan.trainer import process_group_backend
+
+
+def test_gpu_process_group_serves_cpu_and_cuda_collectives():
+    assert process_group_backend(use_gpu=True) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(use_gpu=False) == "gloo"
+
+
+def test_cuda_rng_state_is_saved_and_restored_only_on_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.arange(4, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", state.tolist(), device)))
+    gpu = torch.device("cuda", 1)
+    assert cuda_rng_state(torch.device("cpu")) is None and calls == []
+    assert cuda_rng_state(gpu).tolist() == [0, 1, 2, 3] and calls == [("get", gpu)]
+    states = [torch.tensor([7], dtype=torch.uint8), torch.tensor([9], dtype=torch.uint8)]
+    restore_cuda_rng_state(states, 1, gpu)
+    assert calls[-1] == ("set", [9], gpu)
+    calls.clear()
+    restore_cuda_rng_state(states, 1, torch.device("cpu"))   # CPU training: nothing to restore
+    restore_cuda_rng_state(None, 0, gpu)                      # a checkpoint from before this state
+    restore_cuda_rng_state([None, None], 0, gpu)              # a checkpoint of CPU training
+    assert calls == []
+
+
+def test_checkpoint_holds_cuda_rng_states(tmp_path):
+    """They load with the checkpoint's safe (weights_only) loader, None entries included."""
+    states = [torch.tensor([1, 2], dtype=torch.uint8), None]
+    save_checkpoint({"cuda_rng_states": states}, tmp_path)
+    loaded = load_checkpoint(tmp_path)["cuda_rng_states"]
+    assert loaded[0].tolist() == [1, 2] and loaded[1] is None
