@@ -99,6 +99,8 @@ LOSS_G = _g("progan_generator_loss", "Generator loss of the latest logged step (
 GRADIENT_PENALTY = _g("progan_gradient_penalty", "Gradient penalty (WGAN-GP) or R1 term of the latest logged step.")
 SCORE_REAL = _g("progan_critic_score_real", "Mean critic output on real images, latest logged step.")
 SCORE_FAKE = _g("progan_critic_score_fake", "Mean critic output on generated images, latest logged step.")
+SWD = _g("progan_swd_x1e3", "The paper's sliced Wasserstein distance x 1e3 (average of the pyramid levels) of the "
+         "EMA generator against the shards, at the end of each phase of this resolution.", TRAIN_TAGS + ("resolution",))
 IMAGES_PER_SECOND = _g("progan_images_per_second", "Throughput the training loop measured over its last log window.")
 STEP_SECONDS = _h("progan_step_seconds", "Wall time of one training iteration, data wait included.")
 DATA_WAIT_SECONDS = _h("progan_data_wait_seconds", "Time one iteration waited for its batch.")
@@ -123,7 +125,7 @@ LAUNCHER_START_TIME = MetricSpec("progan_launcher_start_time_seconds", "gauge",
                                  "Unix time the launcher started the run.", ("run",), source="launcher")
 
 TRAINING_METRICS = (IMAGES_SEEN, STEPS, CHECKPOINTS, RESTARTS, NAN_ROLLBACKS, RESOLUTION, PHASE, ALPHA,
-                    WORLD_SIZE, LEARNING_RATE, LOSS_D, LOSS_G, GRADIENT_PENALTY, SCORE_REAL, SCORE_FAKE,
+                    WORLD_SIZE, LEARNING_RATE, LOSS_D, LOSS_G, GRADIENT_PENALTY, SCORE_REAL, SCORE_FAKE, SWD,
                     IMAGES_PER_SECOND, STEP_SECONDS, DATA_WAIT_SECONDS, BACKWARD_SECONDS, ALLREDUCE_SECONDS,
                     CHECKPOINT_SAVE_SECONDS)
 PIPELINE_METRICS = (PIPELINE_IMAGES_READ, PIPELINE_FACES)
@@ -228,6 +230,7 @@ class TrainingMetrics:
         self._lock = threading.Lock()
         self._gauge_values: dict[str, float] = {}
         self._phase: str | None = None
+        self._swd: dict[str, float] = {}
         self._last_call = time.monotonic()
         self._stale_after_s = 120.0
         try:
@@ -312,8 +315,24 @@ class TrainingMetrics:
         except Exception as exc:
             self._fail("observe_stats", exc)
 
+    def observe_swd(self, resolution: int, value: float) -> None:
+        """The SWD at a phase end, one series per resolution (kept alive like the other gauges)."""
+        if not self._ok:
+            return
+        try:
+            self._last_call = time.monotonic()
+            with self._lock:
+                self._swd[str(int(resolution))] = float(value)
+            self._m[SWD.name].set(float(value), tags={"resolution": str(int(resolution))})
+        except Exception as exc:
+            self._fail("observe_swd", exc)
+
     def _set_gauges(self, values: dict, phase: str | None) -> None:
         m = self._m
+        with self._lock:
+            swd = dict(self._swd)
+        for resolution, value in swd.items():
+            m[SWD.name].set(value, tags={"resolution": resolution})
         for name, value in values.items():
             m[name].set(value)
         if phase is not None:

@@ -100,6 +100,9 @@ class ClusterConfig:
 class MonitoringConfig:
     log_every_steps: int = 10      # JSON stats line and progress line
     prometheus: str = "auto"       # auto | true | false: start a local Prometheus for the run
+    # images per set for the SWD of the EMA generator against the shards at each phase end and at
+    # the end of the run (events.jsonl, Prometheus); -1: 4096 on a GPU, 256 on a CPU; 0: off
+    swd_images: int = -1
 
 
 @dataclass
@@ -290,6 +293,8 @@ def validate(cfg: Config) -> None:
     _check(c.max_failures >= 0, "cluster.max_failures", c.max_failures, ">= 0")
     _check(cfg.monitoring.log_every_steps >= 1, "monitoring.log_every_steps",
            cfg.monitoring.log_every_steps, ">= 1")
+    _check(cfg.monitoring.swd_images >= -1, "monitoring.swd_images", cfg.monitoring.swd_images,
+           "-1 (auto), 0 (off) or a number of images")
     _check(cfg.monitoring.prometheus in ("auto", "true", "false"), "monitoring.prometheus",
            cfg.monitoring.prometheus, "auto, true, false")
     k = cfg.checkpoint

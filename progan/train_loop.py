@@ -31,6 +31,7 @@ from progan.ema import ema_beta, make_ema, update_ema
 from progan.losses import make_loss
 from progan.networks import Discriminator, Generator, set_trainable
 from progan.samples import fixed_latents, sample_name, write_sample_grid
+from progan.trained import TrainedGenerator
 from progan.schedule import Phase, batch_shares, build_phases, phase_at, share_weights
 from progan.training_step import fade_reals, make_optimizer, memory_format, train_step
 
@@ -317,6 +318,8 @@ class _Trainer:
                 self._stop_if_nonfinite()  # never save weights a NaN has reached
                 self._checkpoint(1.0 if phase_done else phase.alpha(self.kimg))
                 self._after_checkpoint()
+            if phase_done and self.rank == 0:
+                self._evaluate_swd(phase)
             if self.stop_requested:
                 self.stopped = True
                 self.log.event("stopped", reason=f"{STOP_FILE} file in the run folder", kimg=self.kimg, requested=True)
@@ -427,6 +430,26 @@ class _Trainer:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         self.metrics.observe_checkpoint(time.perf_counter() - started)
         self.log.event("checkpoint", kimg=self.kimg, sample_grid=str(sample.relative_to(self.run_dir)))
+
+    def _evaluate_swd(self, phase: Phase) -> None:
+        """The paper's SWD of the EMA generator against the shards at the end of each phase (the
+        last one ends the run): into events.jsonl and Prometheus. Rank 0 alone; the other ranks
+        wait for it at their next all-reduce. SWD needs 8x8 images at least."""
+        images = self.cfg.monitoring.swd_images
+        if images == -1:
+            images = 4096 if self.device.type == "cuda" else 256
+        if images == 0 or phase.resolution < 8:
+            return
+        from progan.evaluate import swd_against_shards  # only where it is used: the CLI's imports
+
+        started = time.perf_counter()
+        trained = TrainedGenerator(self.G_ema, phase.resolution, 1.0, self.images_seen, self.cfg, self.run_dir)
+        result = swd_against_shards(trained, self.shards, images, seed=self.cfg.data.seed, device=self.device)
+        self.metrics.observe_swd(phase.resolution, result["avg"])
+        self.log.event("swd", kimg=self.kimg, resolution=phase.resolution, avg=result["avg"], levels=result["levels"],
+                       num_images=images, seconds=round(time.perf_counter() - started, 2))
+        print(f"[progan] SWD x1e3 at {phase.resolution}x{phase.resolution}, kimg {self.kimg:.2f}: "
+              f"{result['avg']:.2f} ({images} images)", flush=True)
 
     def _after_checkpoint(self) -> None:
         fail_after = self.test_hooks.get("fail_after_kimg")

@@ -57,7 +57,7 @@ GAUGE_WINDOW_S = 4        # gauges checked for gaps over at least this long afte
 # process less to start), and the controller notices the rollback and the end of the run sooner.
 TRAIN_ENV = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 DATA_DEADLINE_S = 240     # from the start of fit() to every dashboard query having data (a loaded machine)
-ALLOWED_RESULT_LABELS = {"run", "rank", "outcome", "instance", "GpuIndex"}
+ALLOWED_RESULT_LABELS = {"run", "rank", "outcome", "resolution", "instance", "GpuIndex"}
 
 
 # ------------------------------------------------------------------------------ definitions

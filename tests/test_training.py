@@ -254,6 +254,17 @@ def test_three_workers_train_the_schedules_global_batch_exactly(cluster, shards,
     assert [e["global_batch"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "phase"] == [20]
 
 
+def test_swd_of_the_ema_generator_at_each_phase_end(interrupted_then_resumed):
+    """The paper's SWD against the shards at the end of every phase from 8x8 on (SWD needs 8x8)."""
+    run_dir, _ = interrupted_then_resumed
+    swds = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "swd"]
+    assert [e["resolution"] for e in swds] == [8, 8, 16, 16]
+    assert [e["kimg"] for e in swds] == pytest.approx([0.256, 0.384, 0.512, 0.64])
+    for event in swds:
+        assert list(event["levels"]) == [str(event["resolution"])] and event["num_images"] == 256
+        assert 0 < event["avg"] < 1e4 and event["avg"] == pytest.approx(event["levels"][str(event["resolution"])])
+
+
 def test_nan_between_stats_lines_is_caught_before_the_next_checkpoint(cluster, shards, tmp_path):
     """Non-finite losses are checked on the device and synchronised only every log_every_steps
     steps (5 here) and before each checkpoint: a NaN at step 12, which ends at the 0.192 kimg
