@@ -23,16 +23,11 @@ import sys
 import time
 
 from data_pipeline.config import IMAGE_FORMATS, PrepareConfig
-from data_pipeline.errors import UserError
+from data_pipeline.errors import OneLineParser, UserError
 from data_pipeline.manifest import check_same_settings, ensure_writable_folder, read_manifest
 from data_pipeline.sources import check_inputs_exist, list_sources
 
 PROG = "python -m data_pipeline"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

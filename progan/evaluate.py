@@ -37,7 +37,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import OneLineParser, UserError
 from progan.trained import pick_device
 
 PROG = "python -m progan.evaluate"
@@ -48,13 +48,8 @@ METRICS = ("swd", "fid")
 PAPER_NUM_IMAGES = {"swd": 16384, "fid": 50000}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog=PROG, description="SWD / FID of a checkpoint's EMA generator against real face shards.",
+    p = OneLineParser(prog=PROG, description="SWD / FID of a checkpoint's EMA generator against real face shards.",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoint_* folder or checkpoint.pt")
     p.add_argument("--data", required=True, help="face shards folder (with manifest.json) made by python -m data_pipeline")

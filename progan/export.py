@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import OneLineParser, UserError
 from progan.checkpoint import CheckpointError
 from progan.generate import check_output_file, seeded_latents
 from progan.layers import LeakyReLU, use_cpu_winograd
@@ -153,13 +153,8 @@ def check_export(fmt: str, trained: TrainedGenerator, meta: dict, path: Path) ->
 
 # ---------------------------------------------------------------- command line
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog=PROG, description="A checkpoint's generator as a standalone TorchScript or ONNX file.",
+    p = OneLineParser(prog=PROG, description="A checkpoint's generator as a standalone TorchScript or ONNX file.",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoint_* folder or checkpoint.pt")
     p.add_argument("--format", required=True, choices=FORMATS)

@@ -45,7 +45,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import OneLineParser, UserError
 from progan.checkpoint import CheckpointError
 from progan.samples import fixed_latents, grid_image
 from progan.trained import TrainedGenerator, load_trained_generator, pick_device
@@ -155,13 +155,8 @@ def save_gif(frames: list[Image.Image], path: Path) -> None:
 
 # ---------------------------------------------------------------- command line
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog=PROG, description="Images, grids and latent walks from a trained checkpoint.",
+    p = OneLineParser(prog=PROG, description="Images, grids and latent walks from a trained checkpoint.",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoint_* folder or checkpoint.pt")
     p.add_argument("--num", type=int, help="images in the grid (default 64); with --interpolate: keyframes (default 4)")

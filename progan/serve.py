@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import OneLineParser, UserError
 from progan.checkpoint import CheckpointError
 from progan.generate import (MAX_SEED, grid_columns, pixels_image, render, seeded_latents,
                              slerp)
@@ -148,13 +148,8 @@ def create_app(studio: Studio):
 
 # ---------------------------------------------------------------- command line
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog=PROG, description="A web page to look at a checkpoint's generator.",
+    p = OneLineParser(prog=PROG, description="A web page to look at a checkpoint's generator.",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoint_* folder or checkpoint.pt")
     p.add_argument("--port", type=int, default=8000, help="default 8000")

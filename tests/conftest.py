@@ -56,6 +56,20 @@ def shards(cluster, faces_dir, tmp_path_factory):
     return make_shards(photos, tmp_path_factory.mktemp("shards") / "faces16", cluster.cluster.address)
 
 
+def square_photo(path: Path, size: int) -> bytes:
+    """A real photo centre-cropped and resized to size x size, as PNG bytes (shards without the detector)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    buffer = io.BytesIO()
+    image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def read_jsonl(path: Path) -> list[dict]:
     import json
 

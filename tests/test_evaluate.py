@@ -9,7 +9,6 @@ the real weights are not downloaded in tests, the code path is the same.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import subprocess
 import sys
@@ -20,9 +19,8 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import REPO, tiny_config
+from conftest import REPO, square_photo, tiny_config
 from data_pipeline.manifest import FORMAT_VERSION, MANIFEST_NAME, write_json
 from data_pipeline.shards import Sample, shard_name, write_shard
 from progan import evaluate
@@ -38,15 +36,6 @@ SHARD_SIZE = 100
 
 
 # ---------------------------------------------------------------- data and checkpoints
-
-def square_photo(path: Path, size: int) -> bytes:
-    image = Image.open(path).convert("RGB")
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    buffer = io.BytesIO()
-    image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS).save(buffer, "PNG")
-    return buffer.getvalue()
-
 
 def write_face_shards(folder: Path, photos: list[Path], size: int) -> Path:
     """`photos` as PNG face shards at `size` px with a complete manifest, as the pipeline writes them."""

@@ -24,18 +24,11 @@ from data_pipeline.loader import (LOADER_CHUNK, BatchReader, FaceStream, count_i
 from data_pipeline.manifest import FORMAT_VERSION, MANIFEST_NAME, stored_resolution, write_json
 from data_pipeline.shards import Sample, shard_name, write_shard
 
+from conftest import square_photo
+
 STORED = 32
 SHARD_SIZES = [10, 10, 10, 7]  # 37 images: no world size below divides it evenly
 IMAGES = sum(SHARD_SIZES)
-
-
-def square_photo(path: Path, size: int) -> bytes:
-    image = Image.open(path).convert("RGB")
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    buffer = io.BytesIO()
-    image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
