@@ -475,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[launch] run folder: {run_dir}", flush=True)
     started = time.time()
     preload_trainer()
+    # under `ray job submit --working-dir`, `monitoring` imported after ray.init was not found
+    # (tests/test_external_cluster.py): import it before Ray connects
+    import monitoring.metrics  # noqa: F401
+    import monitoring.prometheus  # noqa: F401
     try:
         with ray_cluster(cfg, args.dashboard_port) as (dashboard_url, local):
             if dashboard_url:
