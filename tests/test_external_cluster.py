@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -192,6 +193,8 @@ class ExternalCluster:
         while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
         self.leftover = [pid for pid in pids if alive(pid)]
+        if not self.leftover:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)  # logs and sessions of this cluster only
 
     def __enter__(self) -> "ExternalCluster":
         try:
