@@ -37,7 +37,7 @@ from torch import nn
 from data_pipeline.errors import OneLineParser, UserError
 from progan.checkpoint import CheckpointError
 from progan.generate import check_output_file, seeded_latents
-from progan.layers import LeakyReLU, use_cpu_winograd
+from progan.layers import LeakyReLU
 from progan.networks import Generator
 from progan.trained import TrainedGenerator, load_trained_generator
 
@@ -75,9 +75,7 @@ def stage_generator(trained: TrainedGenerator, resolution: int) -> StandaloneGen
 
 def use_plain_layers(module: nn.Module) -> None:
     """Swaps the training-speed layers for their textbook equals, which trace and export to
-    standard operators: nn.LeakyReLU for the in-place autograd Function that TorchScript cannot
-    trace, F.conv2d for the CPU Winograd path (whose choice depends on the input's shape)."""
-    use_cpu_winograd(module, False)
+    standard operators: nn.LeakyReLU for the project's LeakyReLU."""
     for parent in module.modules():
         for name, child in parent.named_children():
             if isinstance(child, LeakyReLU):

@@ -41,11 +41,6 @@ class EqualizedConv2d(nn.Module):
         return f"{i}, {o}, kernel_size={k}, padding={self.padding}, scale={self.scale:.4g}"
 
 
-def use_cpu_winograd(module: nn.Module, enabled: bool) -> None:
-    """Does nothing: the CPU Winograd path is gone. Kept only for progan/export.py's import and
-    call until that file drops them."""
-
-
 class EqualizedLinear(nn.Module):
     """Dense layer with the same run-time He scaling as EqualizedConv2d."""
 

@@ -72,10 +72,6 @@ def total_kimg(phases: list[Phase]) -> float:
     return phases[-1].end_kimg
 
 
-def worker_batch(global_batch: int, world_size: int) -> int:
-    """The old share, rounded down (32 on 3 workers trained at 30). The loop uses batch_shares;
-    this stays only while tests/test_config.py still checks it."""
-    return max(1, global_batch // world_size)
 
 
 def batch_shares(global_batch: int, world_size: int, group_size: int = 1) -> list[int]:

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from progan.config import Config, ConfigError, load_config, save_config
-from progan.schedule import build_phases, phase_at, worker_batch
+from progan.schedule import batch_shares, build_phases, phase_at
 
 REPO_CONFIGS = ["configs/paper_celeba.yaml", "configs/demo.yaml"]
 
@@ -72,7 +72,7 @@ def test_official_schedule():
     assert phase_at(phases, 1300.0).alpha(1300.0) == 1.0
     # minibatch and lr keyed by the new resolution, already during its fade-in
     assert fade8.batch == 256 and phase_at(phases, 9700).lr == 0.003
-    assert [worker_batch(64, w) for w in (1, 2, 3, 4)] == [64, 32, 21, 16]
+    assert [batch_shares(64, w) for w in (1, 2, 3, 4)] == [[64], [32, 32], [22, 21, 21], [16, 16, 16, 16]]
 
 
 def test_summary_cli_prints_23_1m():
