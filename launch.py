@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cluster.local import keep_ray_on_loopback
 from data_pipeline import storage
+from data_pipeline.errors import UserError, check_port_free
 from progan.config import Config, ConfigError, load_config, save_config
 
 STOP_FILE = "STOP"  # progan.train_loop.STOP_FILE (not imported: that module loads Ray and torch)
@@ -33,10 +34,6 @@ DEFAULT_CONFIG = PROJECT / "configs" / "demo.yaml"  # and its data.path: the pro
 # How a run is executed rather than what it learns: on --resume these follow the command line and
 # the given config freely; every other value stays the run's own unless --override-config.
 RUNTIME_FIELDS = ("cluster.", "monitoring.", "data.path", "data.loader_workers")
-
-
-class UsageError(Exception):
-    """A user mistake: printed as one line, exit status 2."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,7 +67,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
     if args.resume:
         run_dir = storage.location(args.resume)
         if not has_run_config(run_dir):
-            raise UsageError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+            raise UserError(f"--resume {run_dir}: not a run folder (no config.yaml)")
         cfg = resume_config(run_dir, args.config, overrides, args.override_config)
     else:
         cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
@@ -82,11 +79,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
         name = args.run_name or time.strftime("%Y%m%d-%H%M%S")
         run_dir = storage.location(cfg.checkpoint.run_root) / name
         if run_folder_used(run_dir):
-            raise UsageError(f"run folder {run_dir} exists already: pick another --run-name or --resume it")
+            raise UserError(f"run folder {run_dir} exists already: pick another --run-name or --resume it")
     c = cfg.cluster
     if args.nodes is not None:
         if args.nodes < 1:
-            raise UsageError(f"--nodes: got {args.nodes}, allowed: >= 1")
+            raise UserError(f"--nodes: got {args.nodes}, allowed: >= 1")
         c.nodes = args.nodes
     if args.address is not None:
         c.address = args.address
@@ -102,9 +99,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
         cfg.data.path = args.data
     workers = c.workers or c.nodes
     if workers < 1 or (c.min_workers and not 1 <= c.min_workers <= workers):
-        raise UsageError(f"--min-nodes/--max-nodes: got {c.min_workers}..{workers}, allowed: 1 <= min <= max")
+        raise UserError(f"--min-nodes/--max-nodes: got {c.min_workers}..{workers}, allowed: 1 <= min <= max")
     if not cfg.data.path:
-        raise UsageError("no data: pass --data DIR (shards or raw photos) or set data.path")
+        raise UserError("no data: pass --data DIR (shards or raw photos) or set data.path")
     return cfg, run_dir.resolve()
 
 
@@ -112,7 +109,7 @@ def has_run_config(run_dir: Path | storage.RemotePath) -> bool:
     try:
         return (run_dir / "config.yaml").is_file()
     except Exception as exc:  # object storage unreachable, no credentials: one line, not a traceback
-        raise UsageError(f"{run_dir}: cannot read it ({storage.describe_error(exc)})")
+        raise UserError(f"{run_dir}: cannot read it ({storage.describe_error(exc)})")
 
 
 def run_folder_used(run_dir: Path | storage.RemotePath) -> bool:
@@ -122,7 +119,7 @@ def run_folder_used(run_dir: Path | storage.RemotePath) -> bool:
     try:
         return run_dir.exists()
     except Exception as exc:
-        raise UsageError(f"run folder {run_dir}: cannot reach it ({storage.describe_error(exc)})")
+        raise UserError(f"run folder {run_dir}: cannot reach it ({storage.describe_error(exc)})")
 
 
 @contextlib.contextmanager
@@ -172,30 +169,17 @@ def resume_config(run_dir: Path, config: str | None, overrides: list[str], overr
     return own
 
 
-def check_port(flag: str, port: int | None) -> None:
-    """A port the run will listen on: in range and free on 127.0.0.1, before anything starts."""
-    if port is None:
-        return
-    if not 1 <= port <= 65535:
-        raise UsageError(f"{flag}: got {port}, allowed: 1..65535")
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise UsageError(f"{flag} {port}: cannot listen there ({exc.strerror or exc}); pick another port")
-
-
 def check_address(address: str) -> None:
     """A cluster to join must answer at HOST:PORT within seconds (Ray itself would wait minutes)."""
     if not address or address == "auto" or "://" in address:
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise UsageError(f"--address {address}: expected 'auto' or HOST:PORT")
+        raise UserError(f"--address {address}: expected 'auto' or HOST:PORT")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
     except OSError as exc:
-        raise UsageError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
+        raise UserError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
                          f"start one with `ray start --head`, or leave out --address for a local one")
 
 
@@ -206,7 +190,7 @@ def make_run_folder(run_dir: Path | storage.RemotePath) -> None:
             probe.write_bytes(b"")
             probe.unlink()
         except Exception as exc:  # s3fs/botocore raise many types, not all of them OSError
-            raise UsageError(f"run folder {run_dir}: cannot write there ({storage.describe_error(exc)}); "
+            raise UserError(f"run folder {run_dir}: cannot write there ({storage.describe_error(exc)}); "
                              f"check the bucket and the AWS_* credentials, or pass another --storage")
         return
     try:
@@ -215,7 +199,7 @@ def make_run_folder(run_dir: Path | storage.RemotePath) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UsageError(f"run folder {run_dir}: cannot write there ({exc.strerror or exc}); "
+        raise UserError(f"run folder {run_dir}: cannot write there ({exc.strerror or exc}); "
                          f"set checkpoint.run_root to a writable folder")
 
 
@@ -232,9 +216,9 @@ def check_face_count(cfg: Config, shards: Path) -> None:
     rejected = ", ".join(f"{name} {n}" for name, n in counts.items() if name not in ("files_seen", "faces_kept") and n)
     found = f"{faces} faces in {counts['files_seen']} files ({rejected or 'no rejects'})"
     if faces == 0:
-        raise UsageError(f"--data {cfg.data.path}: no usable face: {found}; give photos that each show a face "
+        raise UserError(f"--data {cfg.data.path}: no usable face: {found}; give photos that each show a face "
                          f"(why each file was left out: {storage.join(shards, 'rejects.jsonl')})")
-    raise UsageError(f"--data {cfg.data.path}: {found}, fewer than the {workers} training workers; "
+    raise UserError(f"--data {cfg.data.path}: {found}, fewer than the {workers} training workers; "
                      f"add photos or pass --workers {faces}")
 
 
@@ -245,9 +229,9 @@ def check_shards(cfg: Config, path: Path | str) -> None:
     try:
         stored = stored_resolution(str(path))
     except ValueError as exc:
-        raise UsageError(str(exc))
+        raise UserError(str(exc))
     if stored < cfg.model.max_resolution:
-        raise UsageError(f"--data {path}: shards hold {stored}x{stored} images but model.max_resolution is "
+        raise UserError(f"--data {path}: shards hold {stored}x{stored} images but model.max_resolution is "
                          f"{cfg.model.max_resolution}; make shards at >= {cfg.model.max_resolution} or lower it")
     check_face_count(cfg, path)
 
@@ -258,9 +242,9 @@ def check_remote_shards(cfg: Config) -> str:
     try:
         found = storage.exists(storage.join(url, "manifest.json"))
     except Exception as exc:  # no credentials, no such endpoint: one line, not a traceback
-        raise UsageError(f"--data {url}: cannot read it ({storage.describe_error(exc)})")
+        raise UserError(f"--data {url}: cannot read it ({storage.describe_error(exc)})")
     if not found:
-        raise UsageError(f"--data {url}: no manifest.json there; on object storage --data must be face shards: "
+        raise UserError(f"--data {url}: no manifest.json there; on object storage --data must be face shards: "
                          f"python -m data_pipeline --input PHOTOS --output {url}")
     check_shards(cfg, url)
     return url
@@ -274,12 +258,12 @@ def check_data(cfg: Config) -> tuple[Path | str, bool]:
         return check_remote_shards(cfg), True
     path = Path(cfg.data.path)
     if not path.is_dir():
-        raise UsageError(f"--data {path}: no such folder")
+        raise UserError(f"--data {path}: no such folder")
     if (path / "manifest.json").is_file():
         check_shards(cfg, path)
         return path, True
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
-        raise UsageError(f"--data {path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise UserError(f"--data {path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     return path, False
 
 
@@ -299,7 +283,7 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
     try:
         state, used, skipped = load_usable_checkpoint(checkpoints[0].parent, run_dir, cfg.to_dict()["model"])
     except CheckpointError as exc:
-        raise UsageError(str(exc))
+        raise UserError(str(exc))
     for reason in skipped:
         print(f"[launch] {reason}; resuming from the older {used.name} (kimg {state['images_seen'] / 1000:.3f})",
               file=sys.stderr, flush=True)
@@ -322,13 +306,13 @@ def check_remote_resume(cfg: Config, run_dir: storage.RemotePath) -> None:
             try:
                 load_checkpoint(local, cfg.to_dict()["model"])
             except CheckpointMismatch as exc:
-                raise UsageError(str(exc).replace(str(local.parent), str(run_dir / newest)))
+                raise UserError(str(exc).replace(str(local.parent), str(run_dir / newest)))
             except Exception:
                 pass  # unreadable here: the training loop reports it in events.jsonl
-    except UsageError:
+    except UserError:
         raise
     except Exception as exc:  # the bucket unreachable mid-way: one line, not a traceback
-        raise UsageError(f"--resume {run_dir}: cannot read its checkpoints ({storage.describe_error(exc)})")
+        raise UserError(f"--resume {run_dir}: cannot read its checkpoints ({storage.describe_error(exc)})")
 
 
 def preload_trainer() -> None:
@@ -353,7 +337,7 @@ def ray_cluster(cfg: Config, dashboard_port: int):
         try:
             context = ray.init(address=cfg.cluster.address, logging_level="WARNING")
         except ConnectionError as exc:
-            raise UsageError(f"--address {cfg.cluster.address}: {str(exc).splitlines()[0]}")
+            raise UserError(f"--address {cfg.cluster.address}: {str(exc).splitlines()[0]}")
         try:
             yield (f"http://{context.dashboard_url}" if context.dashboard_url else ""), False
         finally:
@@ -385,7 +369,7 @@ def prepare_shards(cfg: Config, photos: Path, run_dir: Path) -> Path:
                              "--run-name", run_dir.name],  # its metrics carry the run's label
                             cwd=PROJECT).returncode
     if status:
-        raise UsageError(f"the data pipeline stopped (exit status {status}) on {photos}")
+        raise UserError(f"the data pipeline stopped (exit status {status}) on {photos}")
     link = run_dir / "data"
     if isinstance(run_dir, Path) and not link.is_symlink():  # relative: runs and shards move together
         link.symlink_to(os.path.relpath(cache, run_dir), target_is_directory=True)
@@ -447,7 +431,7 @@ def final_grids(run_dir: Path | storage.RemotePath) -> list:
 
 
 def check_before_start(args: argparse.Namespace) -> tuple[Config, Path, Path, bool]:
-    """Everything that can be checked before Ray starts; UsageError/ConfigError in one line."""
+    """Everything that can be checked before Ray starts; UserError/ConfigError in one line."""
     cfg, run_dir = resolve_config(args)
     data_path, is_shards = check_data(cfg)
     if args.resume:
@@ -455,8 +439,9 @@ def check_before_start(args: argparse.Namespace) -> tuple[Config, Path, Path, bo
     if cfg.cluster.address:
         check_address(cfg.cluster.address)
     else:
-        check_port("--dashboard-port", args.dashboard_port)
-    check_port("--prometheus-port", args.prometheus_port)
+        check_port_free("--dashboard-port", args.dashboard_port)
+    if args.prometheus_port is not None:
+        check_port_free("--prometheus-port", args.prometheus_port)
     make_run_folder(run_dir)
     return cfg, run_dir, data_path, is_shards
 
@@ -465,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg, run_dir, data_path, is_shards = check_before_start(args)
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not cfg.cluster.address or cfg.cluster.address.startswith(("127.", "localhost")):
@@ -487,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             shards = data_path if is_shards else prepare_shards(cfg, data_path, run_dir)
             with prometheus(cfg, args, run_dir):
                 metrics = train(cfg, run_dir, shards, train_slot=local)
-    except UsageError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     grids = final_grids(run_dir)

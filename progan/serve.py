@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import socket
 import sys
 import threading
 from pathlib import Path
 
 from PIL import Image
 
-from data_pipeline.errors import OneLineParser, UserError
+from data_pipeline.errors import OneLineParser, UserError, check_port_free
 from progan.checkpoint import CheckpointError
 from progan.generate import (MAX_SEED, grid_columns, pixels_image, render, seeded_latents,
                              slerp)
@@ -159,20 +158,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_port_free(host: str, port: int) -> None:
-    if not 0 < port < 65536:
-        raise UserError(f"--port {port}: must be in 1..65535")
-    try:
-        with socket.create_server((host, port)):
-            pass
-    except OSError as exc:
-        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        check_port_free(args.host, args.port)
+        check_port_free("--port", args.port, args.host)
         trained = load_trained_generator(args.checkpoint, raw=args.raw, device=pick_device(args.device))
     except (UserError, CheckpointError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

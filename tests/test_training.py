@@ -153,7 +153,7 @@ def test_two_and_three_workers_with_uneven_shares_match_one_worker(cluster, shar
     (["--data", "SHARDS", "--workers", "1000", "model.max_resolution=16"], "fewer than the 1000 training workers"),
     (["--dashboard-port", "70000"], "--dashboard-port: got 70000, allowed: 1..65535"),
     (["--prometheus-port", "99999"], "--prometheus-port: got 99999, allowed: 1..65535"),
-    (["--dashboard-port", "BUSY"], "cannot listen there"),
+    (["--dashboard-port", "BUSY"], "cannot listen on 127.0.0.1:"),
     (["checkpoint.run_root=AFILE/runs"], "cannot write there"),
     (["--address", "127.0.0.1:1"], "--address 127.0.0.1:1: no Ray cluster answers there"),
 ])
