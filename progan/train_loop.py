@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data_pipeline import storage
 from data_pipeline.loader import BatchReader, FaceStream
-from monitoring.metrics import AllReduceTimer, TrainingMetrics
+from monitoring.metrics import TrainingMetrics
 from progan.checkpoint import load_usable_checkpoint, save_checkpoint
 from progan.config import Config, config_from_dict
 from progan.ema import ema_beta, make_ema, update_ema
@@ -49,8 +49,7 @@ def build_networks(cfg: Config) -> tuple[Generator, Discriminator]:
     return G, D
 
 
-def wrap_for_phase(G, D, resolution: int, fading: bool, device: torch.device,
-                   comm_hook=None) -> tuple[DDP, DDP]:
+def wrap_for_phase(G, D, resolution: int, fading: bool, device: torch.device) -> tuple[DDP, DDP]:
     """Freezes the layers this phase does not use and wraps both networks in a new DDP:
     fade-in and stable phases use different parameter sets, and DDP with
     find_unused_parameters=False (and never static_graph, which lets ranks drift under the
@@ -58,11 +57,7 @@ def wrap_for_phase(G, D, resolution: int, fading: bool, device: torch.device,
     set_trainable(G, resolution, fading)
     set_trainable(D, resolution, fading)
     device_ids = [device.index] if device.type == "cuda" else None
-    wrapped = DDP(G, device_ids=device_ids), DDP(D, device_ids=device_ids)  # the models have no buffers
-    if comm_hook is not None:
-        for ddp in wrapped:
-            ddp.register_comm_hook(None, comm_hook)
-    return wrapped
+    return DDP(G, device_ids=device_ids), DDP(D, device_ids=device_ids)  # the models have no buffers
 
 
 def weights_digest(*modules: torch.nn.Module) -> str:
@@ -135,7 +130,6 @@ class _Trainer:
         self.device = ray.train.torch.get_device()
         self.log = _RunLog(self.run_dir, self.rank == 0)
         self.metrics = TrainingMetrics(run=self.run_dir.name, rank=self.rank, node="")
-        self.allreduce_timer = AllReduceTimer()
         self.phases = build_phases(self.cfg)
         self.total_images = round(self.phases[-1].end_kimg * 1000)
         self.G, self.D = build_networks(self.cfg)
@@ -267,8 +261,7 @@ class _Trainer:
         first = self.phase is None
         self.phase = phase
         self.G_ddp = self.D_ddp = None  # drop the previous phase's wrappers before making new ones
-        self.G_ddp, self.D_ddp = wrap_for_phase(self.G, self.D, phase.resolution, phase.fading, self.device,
-                                                comm_hook=self.allreduce_timer.hook)
+        self.G_ddp, self.D_ddp = wrap_for_phase(self.G, self.D, phase.resolution, phase.fading, self.device)
         o = self.cfg.optimizer
         if first or self.cfg.schedule.reset_optimizer_on_fade:
             # the official code resets Adam whenever the level of detail starts or stops changing
@@ -339,8 +332,7 @@ class _Trainer:
         self.images_seen += images
         self.step += 1
         self.metrics.observe_step(self.batch, time.perf_counter() - started + data_wait, data_wait,
-                                  backward_seconds=stats["backward_seconds"],
-                                  allreduce_seconds=self.allreduce_timer.take())
+                                  backward_seconds=stats["backward_seconds"])
         self.window_images += images
         self.window_wait += data_wait
         if self.step % self.cfg.monitoring.log_every_steps == 0:
