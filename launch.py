@@ -24,8 +24,8 @@ from pathlib import Path
 
 from cluster.local import keep_ray_on_loopback
 from data_pipeline import storage
-from data_pipeline.errors import UserError, check_port_free
-from progan.config import Config, ConfigError, load_config, save_config
+from data_pipeline.errors import UserError, check_port_free, run_cli
+from progan.config import Config, load_config, save_config
 
 STOP_FILE = "STOP"  # progan.train_loop.STOP_FILE (not imported: that module loads Ray and torch)
 
@@ -226,10 +226,7 @@ def check_shards(cfg: Config, path: Path | str) -> None:
     """Complete shards, at the model's resolution or above, with a face for every worker."""
     from data_pipeline.manifest import stored_resolution
 
-    try:
-        stored = stored_resolution(str(path))
-    except ValueError as exc:
-        raise UserError(str(exc))
+    stored = stored_resolution(str(path))
     if stored < cfg.model.max_resolution:
         raise UserError(f"--data {path}: shards hold {stored}x{stored} images but model.max_resolution is "
                          f"{cfg.model.max_resolution}; make shards at >= {cfg.model.max_resolution} or lower it")
@@ -275,15 +272,12 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
         check_remote_resume(cfg, run_dir)
         return
     # imports torch: only a resume pays for it here
-    from progan.checkpoint import CheckpointError, load_usable_checkpoint, run_checkpoints
+    from progan.checkpoint import load_usable_checkpoint, run_checkpoints
 
     checkpoints = run_checkpoints(run_dir)
     if not checkpoints:
         return
-    try:
-        state, used, skipped = load_usable_checkpoint(checkpoints[0].parent, run_dir, cfg.to_dict()["model"])
-    except CheckpointError as exc:
-        raise UserError(str(exc))
+    state, used, skipped = load_usable_checkpoint(checkpoints[0].parent, run_dir, cfg.to_dict()["model"])
     for reason in skipped:
         print(f"[launch] {reason}; resuming from the older {used.name} (kimg {state['images_seen'] / 1000:.3f})",
               file=sys.stderr, flush=True)
@@ -431,7 +425,7 @@ def final_grids(run_dir: Path | storage.RemotePath) -> list:
 
 
 def check_before_start(args: argparse.Namespace) -> tuple[Config, Path, Path, bool]:
-    """Everything that can be checked before Ray starts; UserError/ConfigError in one line."""
+    """Everything that can be checked before Ray starts; a mistake is a UserError (one line)."""
     cfg, run_dir = resolve_config(args)
     data_path, is_shards = check_data(cfg)
     if args.resume:
@@ -446,13 +440,8 @@ def check_before_start(args: argparse.Namespace) -> tuple[Config, Path, Path, bo
     return cfg, run_dir, data_path, is_shards
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg, run_dir, data_path, is_shards = check_before_start(args)
-    except (ConfigError, UserError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def launch(args: argparse.Namespace) -> int:
+    cfg, run_dir, data_path, is_shards = check_before_start(args)
     if not cfg.cluster.address or cfg.cluster.address.startswith(("127.", "localhost")):
         keep_ray_on_loopback()  # before the preload thread or anything else imports Ray
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the attempt it stopped
@@ -464,17 +453,18 @@ def main(argv: list[str] | None = None) -> int:
     # (tests/test_external_cluster.py): import it before Ray connects
     import monitoring.metrics  # noqa: F401
     import monitoring.prometheus  # noqa: F401
-    try:
-        with ray_cluster(cfg, args.dashboard_port) as (dashboard_url, local):
-            if dashboard_url:
-                print(f"[launch] Ray dashboard: {dashboard_url}", flush=True)
-            print(f"[launch] Ray ready after {time.time() - started:.1f} s", flush=True)
-            shards = data_path if is_shards else prepare_shards(cfg, data_path, run_dir)
-            with prometheus(cfg, args, run_dir):
-                metrics = train(cfg, run_dir, shards, train_slot=local)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with ray_cluster(cfg, args.dashboard_port) as (dashboard_url, local):
+        if dashboard_url:
+            print(f"[launch] Ray dashboard: {dashboard_url}", flush=True)
+        print(f"[launch] Ray ready after {time.time() - started:.1f} s", flush=True)
+        shards = data_path if is_shards else prepare_shards(cfg, data_path, run_dir)
+        with prometheus(cfg, args, run_dir):
+            metrics = train(cfg, run_dir, shards, train_slot=local)
+    return report(run_dir, metrics)
+
+
+def report(run_dir: Path | storage.RemotePath, metrics: dict) -> int:
+    """The run's outcome on the console: its metrics, final grid and SWD; 1 if it failed."""
     grids = final_grids(run_dir)
     print(f"[launch] done: {json.dumps({k: v for k, v in metrics.items() if k != 'sample_grid'})}")
     if grids:
@@ -494,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: training stopped: {stops[-1]['reason']}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli("", lambda: launch(args))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import sys
 import time
 
 from data_pipeline.config import IMAGE_FORMATS, PrepareConfig
-from data_pipeline.errors import OneLineParser, UserError
+from data_pipeline.errors import OneLineParser, UserError, run_cli
 from data_pipeline.manifest import check_same_settings, ensure_writable_folder, read_manifest
 from data_pipeline.sources import check_inputs_exist, list_sources
 
@@ -50,25 +50,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.nodes is not None and args.nodes < 1:
-            raise UserError(f"--nodes must be at least 1, not {args.nodes}")
-        config = PrepareConfig(tuple(args.input), args.output, args.resolution, args.shard_size,
-                               args.image_format, args.min_prob, args.margin, args.overwrite, args.run_name)
-        check_inputs_exist(list(config.inputs))
-        ensure_writable_folder(config.output)
-        finished = None if config.overwrite else read_manifest(config.output)
-        if finished is not None:
-            check_same_settings(finished, config, config.output)  # other settings: refused, not "done"
-            print(f"{config.output} is already complete ({finished['counts']['faces_kept']} faces in "
-                  f"{len(finished['shards'])} shards): nothing to do (--overwrite redoes it)")
-            return 0
-        sources = list_sources(list(config.inputs))
-    except UserError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    if args.nodes is not None and args.nodes < 1:
+        raise UserError(f"--nodes must be at least 1, not {args.nodes}")
+    config = PrepareConfig(tuple(args.input), args.output, args.resolution, args.shard_size,
+                           args.image_format, args.min_prob, args.margin, args.overwrite, args.run_name)
+    check_inputs_exist(list(config.inputs))
+    ensure_writable_folder(config.output)
+    finished = None if config.overwrite else read_manifest(config.output)
+    if finished is not None:
+        check_same_settings(finished, config, config.output)  # other settings: refused, not "done"
+        print(f"{config.output} is already complete ({finished['counts']['faces_kept']} faces in "
+              f"{len(finished['shards'])} shards): nothing to do (--overwrite redoes it)")
+        return 0
+    sources = list_sources(list(config.inputs))
     started = time.monotonic()
     if args.address is None or args.address.startswith(("127.", "localhost")):
         # Nodes we start, or a cluster we join on loopback, keep this driver on 127.0.0.1 too.
@@ -77,14 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.prepare import prepare  # torch and Ray load only once the arguments are good
     from data_pipeline.runtime import ray_session
 
-    try:
-        with ray_session(args.address, args.nodes):
-            manifest = prepare(config, sources, show_progress=not args.quiet)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    with ray_session(args.address, args.nodes):
+        manifest = prepare(config, sources, show_progress=not args.quiet)
     print(summary_line(manifest, config.output, time.monotonic() - started))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(PROG, lambda: run(args), interrupted="interrupted; run the same command again to resume")
 
 
 def summary_line(manifest: dict, output: str, seconds: float) -> str:

@@ -125,7 +125,7 @@ def check_same_settings(manifest: dict, config: object, folder: Path | str) -> N
 def require_manifest(folder: Path | str) -> dict:
     manifest = read_manifest(folder)
     if manifest is None:
-        raise ValueError(f"{folder} holds no complete face shards (no valid {MANIFEST_NAME}); run python -m data_pipeline first")
+        raise UserError(f"{folder} holds no complete face shards (no valid {MANIFEST_NAME}); run python -m data_pipeline first")
     return manifest
 
 

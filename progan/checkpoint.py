@@ -13,13 +13,15 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.errors import UserError
+
 FORMAT_VERSION = 1
 FILENAME = "checkpoint.pt"
 # Fields that must match for a checkpoint to continue under a config: they fix the networks' shapes.
 SHAPE_FIELDS = ("max_resolution", "latent_size", "fmap_base", "fmap_max", "num_channels", "mbstd_group_size")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; str() is one line."""
 
 

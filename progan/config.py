@@ -14,8 +14,10 @@ from pathlib import Path
 
 import yaml
 
+from data_pipeline.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A bad config value; str() is one line naming the field."""
 
 

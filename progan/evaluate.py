@@ -37,8 +37,8 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from data_pipeline.errors import OneLineParser, UserError
-from progan.trained import pick_device
+from data_pipeline.errors import OneLineParser, UserError, run_cli
+from progan.trained import load_trained_generator, pick_device
 
 PROG = "python -m progan.evaluate"
 METRICS = ("swd", "fid")
@@ -70,16 +70,6 @@ def images_per_metric(metrics: list[str], num_images: int | None) -> dict[str, i
     if num_images is not None and num_images < 2:
         raise UserError(f"--num-images must be at least 2 (a distribution needs more than one image), not {num_images}")
     return {metric: num_images or PAPER_NUM_IMAGES[metric] for metric in metrics}
-
-
-def load_generator(checkpoint: str, device: torch.device):
-    from progan.checkpoint import CheckpointError
-    from progan.trained import load_trained_generator
-
-    try:
-        return load_trained_generator(checkpoint, raw=False, device=device)
-    except CheckpointError as exc:
-        raise UserError(str(exc)) from None
 
 
 def check_shards(shard_dir: str, resolution: int) -> int:
@@ -218,15 +208,27 @@ def feed(evaluations: dict, kind: str, batches: Iterator[torch.Tensor], progress
 
 
 @torch.inference_mode()
-def swd_against_shards(trained, shard_dir: str, num_images: int, seed: int, device: torch.device) -> dict:
-    """The SWD of a generator at its resolution and alpha against the shards, computed as this
-    command computes it, without progress bars: the training loop's evaluation at phase ends."""
-    evaluation = SWDEvaluation(trained.resolution, num_images, seed, device)
-    batch = eval_batch_size(trained.resolution)
-    feed({"swd": evaluation}, "reals", real_batches(shard_dir, trained.resolution, trained.config.data.mirror, seed,
-                                                    batch, device, trained.alpha), progress=False)
+def swd_at_phase_end(run, phase, shard_dir: str, num_images: int, run_dir) -> dict | None:
+    """The training loop's SWD of its EMA generator (`run`: a progan.run_state.RunState) at the
+    end of `phase` against the shards, computed as this command computes it, without progress
+    bars. `num_images` -1: 4096 on a GPU, 256 on a CPU; 0: off. None where it does not run
+    (turned off, or below 8x8, the smallest image the descriptors fit)."""
+    from progan.trained import TrainedGenerator
+
+    if num_images == -1:
+        num_images = 4096 if run.device.type == "cuda" else 256
+    if num_images == 0 or phase.resolution < 8:
+        return None
+    started = time.perf_counter()
+    trained = TrainedGenerator(run.G_ema, phase.resolution, 1.0, run.images_seen, run.cfg, run_dir)
+    seed, batch = run.cfg.data.seed, eval_batch_size(phase.resolution)
+    evaluation = SWDEvaluation(phase.resolution, num_images, seed, run.device)
+    feed({"swd": evaluation}, "reals", real_batches(shard_dir, phase.resolution, run.cfg.data.mirror, seed,
+                                                    batch, run.device, 1.0), progress=False)
     feed({"swd": evaluation}, "fakes", fake_batches(trained, seed, batch), progress=False)
-    return evaluation.result(progress=False)
+    result = evaluation.result(progress=False)
+    return {"avg": result["avg"], "levels": result["levels"], "num_images": num_images,
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 # ---------------------------------------------------------------- output
@@ -262,13 +264,10 @@ def evaluate(args: argparse.Namespace) -> list[tuple[dict, Path]]:
     device = pick_device(args.device)
     extractor = None
     if "fid" in args.metric:  # the weights are checked before the checkpoint: the cheaper mistake first
-        from progan.metrics.fid import InceptionWeightsError, load_inception
+        from progan.metrics.fid import load_inception
 
-        try:
-            extractor = load_inception(args.inception_weights, device)
-        except InceptionWeightsError as exc:
-            raise UserError(str(exc)) from None
-    trained = load_generator(args.checkpoint, device)
+        extractor = load_inception(args.inception_weights, device)
+    trained = load_trained_generator(args.checkpoint, raw=False, device=device)
     resolution = trained.resolution
     if "swd" in args.metric and resolution < 8:
         raise UserError(f"SWD needs images of at least 8x8 for its 7x7 neighbourhoods; this checkpoint is at "
@@ -303,18 +302,10 @@ def evaluate(args: argparse.Namespace) -> list[tuple[dict, Path]]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        results = evaluate(args)
-        for result, path in results:
-            write_result(path, result)
-    except UserError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+def evaluate_and_report(args: argparse.Namespace) -> int:
+    results = evaluate(args)
+    for result, path in results:
+        write_result(path, result)
     for result, path in results:
         if args.json:
             print(json.dumps(result), flush=True)
@@ -322,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(result))
             print(f"wrote {path}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(PROG, lambda: evaluate_and_report(args))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_pipeline.errors import OneLineParser, UserError
-from progan.checkpoint import CheckpointError
+from data_pipeline.errors import OneLineParser, UserError, run_cli
 from progan.generate import check_output_file, seeded_latents
 from progan.layers import LeakyReLU
 from progan.networks import Generator
@@ -163,12 +162,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def export(args: argparse.Namespace) -> tuple[dict, float]:
-    try:
-        trained = load_trained_generator(args.checkpoint, raw=args.raw, device="cpu")
-        resolution = args.resolution or trained.resolution
-        model = stage_generator(trained, resolution)
-    except (CheckpointError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+    trained = load_trained_generator(args.checkpoint, raw=args.raw, device="cpu")
+    resolution = args.resolution or trained.resolution
+    model = stage_generator(trained, resolution)
     check_output_file(args.out)
     meta = export_metadata(trained, resolution, args.raw)
     try:
@@ -178,13 +174,8 @@ def export(args: argparse.Namespace) -> tuple[dict, float]:
     return meta, check_export(args.format, trained, meta, args.out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        meta, difference = export(args)
-    except UserError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+def export_and_report(args: argparse.Namespace) -> int:
+    meta, difference = export(args)
     if difference > CHECK_ATOL:
         print(f"{PROG}: error: {args.out} gives images up to {difference:.2g} away from the generator's "
               f"(allowed {CHECK_ATOL:g}); the export is wrong", file=sys.stderr)
@@ -193,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
           f"[N, {meta['channels']}, {meta['resolution']}, {meta['resolution']}] in [-1, 1], alpha {meta['alpha']:g}, "
           f"{meta['weights']} weights; reloaded, max difference {difference:.1e}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(PROG, lambda: export_and_report(args))
 
 
 if __name__ == "__main__":

@@ -45,8 +45,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from data_pipeline.errors import OneLineParser, UserError
-from progan.checkpoint import CheckpointError
+from data_pipeline.errors import OneLineParser, UserError, run_cli
 from progan.samples import fixed_latents, grid_image
 from progan.trained import TrainedGenerator, load_trained_generator, pick_device
 
@@ -247,12 +246,9 @@ def write_walk(frames: torch.Tensor, path: Path) -> None:
 def generate(args: argparse.Namespace) -> list[Path]:
     check_args(args)
     device = pick_device(args.device)
-    try:
-        trained = load_trained_generator(args.checkpoint, raw=args.raw, device=device)
-        resolution = args.resolution or trained.resolution
-        trained.check_resolution(resolution)
-    except (CheckpointError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+    trained = load_trained_generator(args.checkpoint, raw=args.raw, device=device)
+    resolution = args.resolution or trained.resolution
+    trained.check_resolution(resolution)
     prepare_outputs(args)
     latents = seeded_latents(args.num, trained.latent_size, args.seed)
     written = []
@@ -271,19 +267,16 @@ def generate(args: argparse.Namespace) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        written = generate(args)
-    except UserError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+def generate_and_report(args: argparse.Namespace) -> int:
+    written = generate(args)
     shown = written if len(written) <= 2 else [written[0], f"... {len(written) - 1} more"]
     print("wrote " + ", ".join(map(str, shown)), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(PROG, lambda: generate_and_report(args))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_pipeline.errors import OneLineParser, UserError, check_port_free
-from progan.checkpoint import CheckpointError
+from data_pipeline.errors import OneLineParser, UserError, check_port_free, run_cli
 from progan.generate import (MAX_SEED, grid_columns, pixels_image, render, seeded_latents,
                              slerp)
 from progan.samples import grid_image
@@ -108,7 +107,7 @@ def create_app(studio: Studio):
         resolution = resolution or studio.trained.resolution
         try:
             studio.trained.check_resolution(resolution)
-        except ValueError as exc:
+        except UserError as exc:
             raise HTTPException(400, str(exc)) from None
         return resolution
 
@@ -158,14 +157,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        check_port_free("--port", args.port, args.host)
-        trained = load_trained_generator(args.checkpoint, raw=args.raw, device=pick_device(args.device))
-    except (UserError, CheckpointError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+def serve(args: argparse.Namespace) -> int:
+    check_port_free("--port", args.port, args.host)
+    trained = load_trained_generator(args.checkpoint, raw=args.raw, device=pick_device(args.device))
     import uvicorn
 
     app = create_app(Studio(trained, args.raw))
@@ -173,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving {trained.path} at http://{shown}:{args.port}/ (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(PROG, lambda: serve(args))
 
 
 if __name__ == "__main__":

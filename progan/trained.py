@@ -30,10 +30,10 @@ class TrainedGenerator:
         return self.generator.latent_size
 
     def check_resolution(self, resolution: int) -> None:
-        """ValueError in one line unless `resolution` is one the run has trained (4 .. resolution)."""
+        """UserError in one line unless `resolution` is one the run has trained (4 .. resolution)."""
         trained = [2 ** k for k in range(2, self.resolution.bit_length())]
         if resolution not in trained:
-            raise ValueError(f"resolution {resolution}: this checkpoint has trained {', '.join(map(str, trained))}")
+            raise UserError(f"resolution {resolution}: this checkpoint has trained {', '.join(map(str, trained))}")
 
     def alpha_at(self, resolution: int) -> float:
         """The stage's fade-in weight: the checkpoint's own at its resolution, 1 below it."""

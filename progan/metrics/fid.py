@@ -14,6 +14,8 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
+from data_pipeline.errors import UserError
+
 INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
 INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
 FEATURE_LAYER = "2048"      # the pool features FID is defined on
@@ -21,7 +23,7 @@ PAPER_NUM_IMAGES = 50000    # the paper's FID (and the official 'metric-fid-50k'
 INCEPTION_BATCH = 64        # images through InceptionV3 at once: its 299x299 activations bound the memory
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(UserError):
     """Missing or unusable Inception weights; str() is one line saying what to get and where."""
 
 
