@@ -44,6 +44,10 @@ class ModelConfig:
     mbstd_group_size: int = 4
     # NHWC activations and conv weights: the same maths, ~10% faster steps on CPU (oneDNN)
     channels_last: bool = True
+    # fp32 | bf16: bf16 runs the networks' forward passes under autocast (weights, optimisers and
+    # the EMA stay fp32; progan.training_step.in_precision); fast where the hardware has bf16
+    # units (GPUs since Ampere, CPUs with AMX/AVX512-BF16), slower than fp32 on other CPUs
+    precision: str = "fp32"
 
 
 @dataclass
@@ -254,6 +258,7 @@ def validate(cfg: Config) -> None:
     _check(m.fmap_max >= 1, "model.fmap_max", m.fmap_max, ">= 1")
     _check(m.num_channels in (1, 3), "model.num_channels", m.num_channels, "1 or 3")
     _check(m.mbstd_group_size >= 0, "model.mbstd_group_size", m.mbstd_group_size, ">= 0 (0 or 1 = off)")
+    _check(m.precision in ("fp32", "bf16"), "model.precision", m.precision, "fp32, bf16")
     _check(_is_pow2(s.start_resolution) and 4 <= s.start_resolution <= m.max_resolution,
            "schedule.start_resolution", s.start_resolution,
            f"a power of two in 4..model.max_resolution ({m.max_resolution})")

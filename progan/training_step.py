@@ -40,15 +40,42 @@ def resolution_scale_for(D_module: nn.Module, resolution: int) -> float:
     return D_module.max_resolution / resolution
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: got {precision!r}, expected one of {', '.join(PRECISIONS)}")
+
+
+def in_precision(network, resolution: int, alpha: float, precision: str):
+    """`network(x, resolution, alpha)` as a one-argument callable. fp32: the plain call. bf16: the
+    forward pass under autocast, its output cast back to fp32, so that everything outside the
+    networks (the losses, the penalty's mix of reals and fakes, the penalty's
+    `autograd.grad(create_graph=True)`, the stats) runs in fp32 outside autocast, as torch's AMP
+    notes ask for gradient penalties; the backward ops still run in the dtypes of their forward
+    ops. Parameters stay fp32 (autocast casts them per op), and so do the optimisers and the EMA."""
+    if precision == "fp32":
+        return lambda x: network(x, resolution, alpha)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            out = network(x, resolution, alpha)
+        return out.float()
+    return forward
+
+
 def critic_step(G, D, opt_d: torch.optim.Optimizer, loss, reals: torch.Tensor, resolution: int,
-                alpha: float, latent_size: int, resolution_scale: float, loss_weight: float = 1.0) -> dict:
+                alpha: float, latent_size: int, resolution_scale: float, loss_weight: float = 1.0,
+                precision: str = "fp32") -> dict:
     """`loss_weight` multiplies the loss before backward (not the returned stats): a rank's
-    share of an uneven split of the global minibatch (progan.schedule.share_weights)."""
+    share of an uneven split of the global minibatch (progan.schedule.share_weights).
+    `precision`: fp32 or bf16 (in_precision)."""
     z = torch.randn(reals.shape[0], latent_size, device=reals.device)
     with torch.no_grad():
-        fakes = G(z, resolution, alpha)
+        fakes = in_precision(G, resolution, alpha, precision)(z)
     opt_d.zero_grad(set_to_none=True)
-    d_loss, stats = loss.critic_loss(lambda x: D(x, resolution, alpha), reals, fakes,
+    d_loss, stats = loss.critic_loss(in_precision(D, resolution, alpha, precision), reals, fakes,
                                      resolution_scale=resolution_scale)
     started = time.perf_counter()
     (d_loss * loss_weight if loss_weight != 1.0 else d_loss).backward()
@@ -58,13 +85,15 @@ def critic_step(G, D, opt_d: torch.optim.Optimizer, loss, reals: torch.Tensor, r
 
 
 def generator_step(G, D_module: nn.Module, opt_g: torch.optim.Optimizer, loss, batch: int,
-                   resolution: int, alpha: float, latent_size: int, device, loss_weight: float = 1.0) -> dict:
+                   resolution: int, alpha: float, latent_size: int, device, loss_weight: float = 1.0,
+                   precision: str = "fp32") -> dict:
     """D_module is the bare critic (not its DDP wrapper): its parameters get no gradient here,
-    so its reducer must not expect any. `loss_weight` as in critic_step."""
+    so its reducer must not expect any. `loss_weight` and `precision` as in critic_step."""
     z = torch.randn(batch, latent_size, device=device)
     opt_g.zero_grad(set_to_none=True)
     with frozen(D_module):
-        g_loss, stats = loss.generator_loss(lambda x: D_module(x, resolution, alpha), G(z, resolution, alpha))
+        g_loss, stats = loss.generator_loss(in_precision(D_module, resolution, alpha, precision),
+                                            in_precision(G, resolution, alpha, precision)(z))
         started = time.perf_counter()
         (g_loss * loss_weight if loss_weight != 1.0 else g_loss).backward()
         stats["backward_seconds"] = time.perf_counter() - started
@@ -73,13 +102,15 @@ def generator_step(G, D_module: nn.Module, opt_g: torch.optim.Optimizer, loss, b
 
 
 def train_step(G, D, D_module: nn.Module, opt_g, opt_d, loss, reals: torch.Tensor, resolution: int,
-               alpha: float, latent_size: int, loss_weight: float = 1.0) -> dict:
-    """Critic step on `reals` (already faded), then a generator step on as many latents. The
-    penalty's scale comes from D_module.max_resolution; `loss_weight` as in critic_step."""
+               alpha: float, latent_size: int, loss_weight: float = 1.0, precision: str = "fp32") -> dict:
+    """Critic step on `reals` (already faded, fp32), then a generator step on as many latents. The
+    penalty's scale comes from D_module.max_resolution; `loss_weight` and `precision` (fp32 |
+    bf16) as in critic_step. The returned stats are fp32 either way."""
+    check_precision(precision)
     stats = critic_step(G, D, opt_d, loss, reals, resolution, alpha, latent_size,
-                        resolution_scale_for(D_module, resolution), loss_weight)
+                        resolution_scale_for(D_module, resolution), loss_weight, precision)
     g_stats = generator_step(G, D_module, opt_g, loss, reals.shape[0], resolution, alpha, latent_size,
-                             reals.device, loss_weight)
+                             reals.device, loss_weight, precision)
     stats["backward_seconds"] += g_stats.pop("backward_seconds")
     stats.update(g_stats)
     return stats

@@ -40,6 +40,7 @@ def test_overrides_are_typed():
     ("optimizer.lr=fast", "optimizer.lr: got 'fast', expected a number"),
     ("optimizer.beta2=1.5", "optimizer.beta2: got 1.5, allowed: 0 <= beta2 < 1"),
     ("loss.kind=hinge", "loss.kind: got 'hinge', allowed: wgan_gp, logistic_r1, least_squares"),
+    ("model.precision=fp16", "model.precision: got 'fp16', allowed: fp32, bf16"),
     ("schedule.minibatch={4: 0}", "schedule.minibatch[4]: got 0, allowed: >= 1"),
     ("schedule.start_resolution=64", "schedule.start_resolution: got 64, allowed: a power of two in 4..model.max_resolution (32)"),
     ("data.mirror=3", "data.mirror: got 3, expected true or false"),
