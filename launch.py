@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.local import keep_ray_on_loopback
+from cluster.local import check_gpus_for_nodes, keep_ray_on_loopback
 from data_pipeline import storage
 from data_pipeline.errors import UserError, check_port_free, run_cli
 from progan.config import Config, load_config, save_config
@@ -434,6 +434,7 @@ def check_before_start(args: argparse.Namespace) -> tuple[Config, Path, Path, bo
         check_address(cfg.cluster.address)
     else:
         check_port_free("--dashboard-port", args.dashboard_port)
+        check_gpus_for_nodes(cfg.cluster.nodes, cfg.cluster.use_gpu)
     if args.prometheus_port is not None:
         check_port_free("--prometheus-port", args.prometheus_port)
     make_run_folder(run_dir)

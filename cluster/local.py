@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import socket
 
+from data_pipeline.errors import UserError
+
 CPUS_PER_NODE = 2
 # A custom resource that these nodes carry, one per node: it pins one training worker per node
 # and leaves the node's other CPU to the data pipeline's Ray Data tasks (ray-2.60-facts.md: with
@@ -35,10 +37,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _gpus_per_node(nodes: int) -> int:
-    """This machine's GPUs as Ray counts them (NVML, within CUDA_VISIBLE_DEVICES), shared out among
-    the nodes. Ray's own count rather than torch's: importing torch here would hold up the
-    cluster's start by ~3 s on a small CPU."""
+def local_gpu_count() -> int:
+    """This machine's GPUs as Ray counts them (NVML, within CUDA_VISIBLE_DEVICES). Ray's own count
+    rather than torch's: importing torch here would hold up the cluster's start by ~3 s on a small
+    CPU. Imports Ray: call keep_ray_on_loopback() first."""
     from ray._private.accelerators import get_accelerator_manager_for_resource
 
     try:
@@ -47,9 +49,30 @@ def _gpus_per_node(nodes: int) -> int:
         visible = manager.get_current_process_visible_accelerator_ids()
     except Exception:
         return 0
-    if visible is not None:
-        count = min(count, len(visible))
-    return count // nodes
+    return count if visible is None else min(count, len(visible))
+
+
+def _gpus_per_node(nodes: int) -> int:
+    """The machine's GPUs shared out evenly among the nodes (check_gpus_for_nodes has refused
+    fewer GPUs than nodes when they are to be used)."""
+    return local_gpu_count() // nodes
+
+
+def check_gpus_for_nodes(nodes: int, use_gpu: str) -> None:
+    """Refuses, before Ray starts, local nodes that could not each get a GPU: with fewer GPUs than
+    nodes every node would get none and the run would quietly train on the CPUs. `use_gpu`:
+    cluster.use_gpu (auto | true | false). Raises a one-line UserError saying what to pass."""
+    if use_gpu == "false":
+        return
+    keep_ray_on_loopback()  # the count imports Ray; these nodes are local
+    gpus = local_gpu_count()
+    if gpus == 0 and use_gpu == "true":
+        raise UserError("cluster.use_gpu=true: Ray sees no GPU on this machine; "
+                        "add cluster.use_gpu=auto or cluster.use_gpu=false to train on the CPUs")
+    if 0 < gpus < nodes:
+        raise UserError(f"--nodes {nodes}: this machine has {gpus} GPU{'s' * (gpus > 1)}, fewer than the nodes, "
+                        f"so no node would get one and training would run on the CPUs; pass --nodes {gpus} "
+                        f"(one GPU per node) or add cluster.use_gpu=false to train on the CPUs")
 
 
 class LocalCluster:

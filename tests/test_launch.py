@@ -6,9 +6,14 @@ import re
 import socket
 import subprocess
 import sys
+import shutil
 import time
 from pathlib import Path
 
+import pytest
+
+import cluster.local
+import launch
 from conftest import TINY_OVERRIDES, copy_test_photos, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,3 +105,30 @@ def test_photos_without_a_face_stop_before_training_in_one_line(faces_dir, tmp_p
     assert len(errors) == 1 and "no usable face: 0 faces in 4 files (not_an_image 4)" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and "[launch] training" not in proc.stdout
     assert not (tmp_path / "runs" / "bad" / "events.jsonl").exists()  # no training attempt started
+
+
+@pytest.mark.parametrize("gpus, extra, message", [
+    (1, [], "error: --nodes 4: this machine has 1 GPU, fewer than the nodes, so no node would get one and "
+            "training would run on the CPUs; pass --nodes 1 (one GPU per node) or add cluster.use_gpu=false"),
+    (0, ["cluster.use_gpu=true"], "error: cluster.use_gpu=true: Ray sees no GPU on this machine; "
+                                  "add cluster.use_gpu=auto or cluster.use_gpu=false"),
+])
+def test_nodes_that_cannot_each_have_a_gpu_are_refused_before_ray_starts(faces_dir, tmp_path, monkeypatch, capsys,
+                                                                          gpus, extra, message):
+    """The machine's GPU count (what Ray would see) is set by the test: 4 local nodes and 1 GPU
+    would give every node 0 GPUs and train on the CPUs without a word."""
+    monkeypatch.setattr(cluster.local, "local_gpu_count", lambda: gpus)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(sorted((faces_dir / "aligned").glob("*.jpg"))[0], photos)
+    status = launch.main(["--nodes", "4", "--data", str(photos), "--no-prometheus", "--run-name", "gpu",
+                          "--dashboard-port", str(free_port()), f"checkpoint.run_root={tmp_path / 'runs'}", *extra])
+    err = capsys.readouterr().err
+    assert status == 2 and err.splitlines() == [err.strip()] and err.startswith(message), err
+    assert not (tmp_path / "runs" / "gpu").exists()  # refused before the run folder, before Ray
+
+
+@pytest.mark.parametrize("nodes, gpus, use_gpu", [(2, 4, "auto"), (2, 2, "true"), (4, 1, "false"), (4, 0, "auto")])
+def test_nodes_that_each_get_a_gpu_or_use_none_pass(monkeypatch, nodes, gpus, use_gpu):
+    monkeypatch.setattr(cluster.local, "local_gpu_count", lambda: gpus)
+    cluster.local.check_gpus_for_nodes(nodes, use_gpu)  # no UserError
