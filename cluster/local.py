@@ -9,7 +9,9 @@ advertises the machine's network address instead of 127.0.0.1.
 from __future__ import annotations
 
 import os
+import random
 import socket
+from pathlib import Path
 
 from data_pipeline.errors import UserError
 
@@ -31,10 +33,24 @@ def keep_ray_on_loopback() -> None:
     os.environ[LOOPBACK_VARIABLE] = "0"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port() -> int:
+    """A port free on 127.0.0.1 now, for a server that must be told its port before it starts
+    (Ray's dashboard and exporters, SeaweedFS). Another process may still take it first; a server
+    that can pick its own port and say which (Prometheus: monitoring/prometheus.py) should. It is
+    drawn between Ray's worker ports (10002-19999) and the kernel's ephemeral range, from which the
+    kernel numbers outgoing connections, so only another explicit bind can take it meanwhile."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for port in random.sample(range(20000, low), min(low - 20000, 200)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port on 127.0.0.1 between 20000 and {low}")
 
 
 def local_gpu_count() -> int:
@@ -122,7 +138,7 @@ class LocalCluster:
         saved = {key: os.environ.get(key) for key in METRIC_PORT_VARIABLES} if self.free_metric_ports else {}
         try:
             for key in saved:  # read by the head's dashboard and autoscaler processes as they start
-                os.environ[key] = str(_free_port())
+                os.environ[key] = str(free_port())
             self.cluster = Cluster(initialize_head=True, head_node_args=head)
         finally:
             for key, value in saved.items():

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from cluster.local import free_port
 
 REGION = "us-east-1"
 READY_TIMEOUT_S = 90
@@ -36,31 +36,12 @@ def weed_binary() -> str:
     return found
 
 
-def ephemeral_port_range() -> tuple[int, int]:
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
 def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free on 127.0.0.1 right now, between Ray's worker ports (10002 to
-    19999 by default) and the ephemeral range: a port the kernel hands out for outgoing
-    connections (weed's own, Ray's) could be taken before weed binds it."""
-    low = ephemeral_port_range()[0]
-    candidates = random.sample(range(20000, low), min(low - 20000, 4 * count))
-    ports = []
-    for port in candidates:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-        if len(ports) == count:
-            return ports
-    raise RuntimeError(f"no {count} free ports between 20000 and {low}")
+    """`count` distinct free ports on 127.0.0.1 (cluster.local.free_port)."""
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return sorted(ports)
 
 
 class SeaweedS3:

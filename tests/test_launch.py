@@ -3,7 +3,6 @@ own local Ray cluster, the data pipeline and Ray Train (no cluster shared with o
 import ipaddress
 import os
 import re
-import socket
 import subprocess
 import sys
 import shutil
@@ -14,15 +13,10 @@ import pytest
 
 import cluster.local
 import launch
+from cluster.local import free_port
 from conftest import TINY_OVERRIDES, copy_test_photos, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_command(data: Path, run_root: Path, *extra: str) -> list[str]:

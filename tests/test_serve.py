@@ -17,15 +17,10 @@ import pytest
 from PIL import Image
 
 from checkpoints import make_checkpoint
+from cluster.local import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> tuple[int, dict, bytes]:
