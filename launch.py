@@ -26,8 +26,8 @@ from cluster.local import check_gpus_for_nodes, keep_ray_on_loopback
 from data_pipeline import storage
 from data_pipeline.errors import UserError, check_port_free, run_cli
 from progan.config import Config, load_config, save_config
+from progan.run_log import STOP_FILE
 
-STOP_FILE = "STOP"  # progan.train_loop.STOP_FILE (not imported: that module loads Ray and torch)
 
 PROJECT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = PROJECT / "configs" / "demo.yaml"  # and its data.path: the project's, from any folder
@@ -184,23 +184,11 @@ def check_address(address: str) -> None:
 
 
 def make_run_folder(run_dir: Path | storage.RemotePath) -> None:
-    if isinstance(run_dir, storage.RemotePath):
-        probe = run_dir / f".write-test-{os.getpid()}"
-        try:
-            probe.write_bytes(b"")
-            probe.unlink()
-        except Exception as exc:  # s3fs/botocore raise many types, not all of them OSError
-            raise UserError(f"run folder {run_dir}: cannot write there ({storage.describe_error(exc)}); "
-                             f"check the bucket and the AWS_* credentials, or pass another --storage")
-        return
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"run folder {run_dir}: cannot write there ({exc.strerror or exc}); "
-                         f"set checkpoint.run_root to a writable folder")
+    reason = storage.unwritable(str(run_dir))
+    if reason:
+        fix = ("check the bucket and the AWS_* credentials, or pass another --storage"
+               if isinstance(run_dir, storage.RemotePath) else "set checkpoint.run_root to a writable folder")
+        raise UserError(f"run folder {run_dir}: cannot write there ({reason}); {fix}")
 
 
 def check_face_count(cfg: Config, shards: Path) -> None:

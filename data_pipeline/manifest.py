@@ -1,24 +1,22 @@
-"""The output folder's record: outcome reasons, manifest.json, rejects.jsonl, atomic writes.
+"""The output folder's record: outcome reasons, manifest.json, rejects.jsonl.
 
 Imports nothing heavy, so the CLI can check a finished output before it loads torch or Ray.
 """
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from data_pipeline import storage
 from data_pipeline.errors import UserError
+from data_pipeline.storage import atomic_path
 
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 FORMAT_VERSION = 1
-TEMP_SUFFIX = ".tmp"
 
 # What happened to one input file. Every file seen ends under exactly one of these.
 KEPT = "kept"
@@ -50,22 +48,6 @@ def count_outcomes(outcomes: Iterable[Outcome]) -> dict[str, int]:
     counts = {"files_seen": sum(by_status.values())}
     counts.update({name: by_status.get(status, 0) for status, name in COUNT_NAMES.items()})
     return counts
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary name to write; it replaces `path` only once the block finished.
-
-    A run killed half-way therefore never leaves a partial file under the final name.
-    """
-    temporary = path.with_name(path.name + TEMP_SUFFIX)
-    try:
-        yield temporary
-        with open(temporary, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def write_json(path: Path, value: object) -> None:
@@ -134,21 +116,9 @@ def stored_resolution(shard_dir: str) -> int:
 
 
 def ensure_writable_folder(folder: str) -> None:
-    """Create the output folder if needed and prove we can write there (UserError otherwise).
-    On object storage: write and delete a probe object (no bucket, no credentials, no right to
-    write all stop here in one line, before any photo is read)."""
-    if storage.is_remote(folder):
-        probe = storage.join(folder, f".write-test-{os.getpid()}{TEMP_SUFFIX}")
-        try:
-            storage.write_bytes(probe, b"")
-            storage.remove(probe)
-        except Exception as error:  # s3fs/botocore raise many types, not all of them OSError
-            raise UserError(f"cannot write to output {folder}: {storage.describe_error(error)}") from None
-        return
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = Path(folder) / f".write-test-{os.getpid()}{TEMP_SUFFIX}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write to output folder {folder}: {error.strerror or error}") from None
+    """Create the output folder if needed and prove we can write there, before any photo is read
+    (UserError otherwise)."""
+    reason = storage.unwritable(folder)
+    if reason:
+        kind = "output" if storage.is_remote(folder) else "output folder"
+        raise UserError(f"cannot write to {kind} {folder}: {reason}")

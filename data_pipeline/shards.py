@@ -9,7 +9,8 @@ from pathlib import Path
 
 import webdataset as wds
 
-from data_pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, TEMP_SUFFIX, Outcome, atomic_path, write_json
+from data_pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, Outcome, write_json
+from data_pipeline.storage import TEMP_SUFFIX, atomic_path
 
 SHARD_GLOB = "shard-*.tar"
 WORK_DIR_NAME = ".partial"

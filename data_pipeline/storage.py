@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 LOCAL_SCHEMES = ("", "file")
+TEMP_SUFFIX = ".tmp"  # what a file is called while `atomic_path` writes it (left behind only by a kill)
 
 
 def scheme(location: str | os.PathLike) -> str:
@@ -93,14 +94,29 @@ def read_text_or_empty(location: str | os.PathLike) -> str:
         return ""
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name in `path`'s folder to write the file under; once the block ends without
+    error the file is flushed to disk and renamed to `path`. A process killed half-way leaves the
+    old file (or none) under `path`, never part of a new one; a failed block leaves nothing."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+    try:
+        yield temporary
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:
-    """A whole object; for a local file, written under a temporary name and renamed."""
+    """A whole object; a local file is written atomically (`atomic_path`)."""
     if not is_remote(location):
         path = local_path(location)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            temporary.write_bytes(data)
         return
     fs, path = filesystem(location)
     fs.pipe_file(path, data)
@@ -177,6 +193,22 @@ def open_binary(location: str | os.PathLike) -> BinaryIO:
         return open(local_path(location), "rb")
     fs, path = filesystem(location)
     return fs.open(path, "rb", block_size=8 << 20, cache_type="readahead")
+
+
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why no file can be written in `folder` (a local one is made if missing), in one line, or
+    None when one can: a probe file (an object, on object storage) is written and removed, so no
+    bucket, no credentials or no right to write show up here, before any work."""
+    try:
+        if not is_remote(folder):
+            local_path(folder).mkdir(parents=True, exist_ok=True)
+        probe = join(folder, f".write-test-{os.getpid()}{TEMP_SUFFIX}")
+        write_bytes(probe, b"")
+        remove(probe)
+    except Exception as error:  # s3fs/botocore raise many types, not all of them OSError
+        local_reason = isinstance(error, OSError) and not is_remote(folder) and error.strerror
+        return local_reason or describe_error(error)
+    return None
 
 
 def describe_error(error: BaseException) -> str:

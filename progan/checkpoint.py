@@ -6,14 +6,13 @@ reads it, so a checkpoint file cannot run code.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 
 import torch
 
 from data_pipeline.errors import UserError
+from data_pipeline.storage import atomic_path
 
 FORMAT_VERSION = 1
 FILENAME = "checkpoint.pt"
@@ -35,16 +34,8 @@ def save_checkpoint(state: dict, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / FILENAME
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(final) as temporary:
+        torch.save({"format_version": FORMAT_VERSION, **state}, temporary)
     return final
 
 

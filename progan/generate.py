@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 
 from data_pipeline.errors import OneLineParser, UserError, run_cli
+from data_pipeline.storage import atomic_path
 from progan.samples import fixed_latents, grid_image
 from progan.trained import TrainedGenerator, load_trained_generator, pick_device
 
@@ -139,13 +140,9 @@ def pixels_image(image: torch.Tensor) -> Image.Image:
 
 
 def save_image(image: Image.Image, path: Path, **save_args) -> None:
-    """Writes `image` (the format from the suffix) via a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format=path.suffix[1:].upper(), **save_args)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Writes `image` (the format from the suffix) atomically."""
+    with atomic_path(path) as temporary:
+        image.save(temporary, format=path.suffix[1:].upper(), **save_args)
 
 
 def save_gif(frames: list[Image.Image], path: Path) -> None:

@@ -1,12 +1,13 @@
 """Sample grids from fixed latents, as PNG files a person can look at."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from data_pipeline.storage import atomic_path
 
 MIN_TILE = 64  # small resolutions are enlarged (nearest neighbour) to at least this many pixels
 
@@ -39,15 +40,14 @@ def grid_image(images: torch.Tensor, columns: int, min_tile: int = MIN_TILE) -> 
 @torch.no_grad()
 def write_sample_grid(generator: torch.nn.Module, latents: torch.Tensor, resolution: int, alpha: float,
                       path: str | Path) -> Path:
-    """Renders `latents` through `generator` and writes the grid (write, then rename)."""
+    """Renders `latents` through `generator` and writes the grid (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     device = next(generator.parameters()).device
     images = torch.cat([generator(z.to(device), resolution, alpha) for z in latents.split(64)])
     columns = int(round(len(latents) ** 0.5))
-    tmp = path.with_name(f".{path.name}.tmp")
-    grid_image(images, columns).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        grid_image(images, columns).save(temporary, format="PNG")
     return path
 
 

@@ -61,14 +61,14 @@ def kill_mid_write(directory: Path) -> bool:
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(directory)], cwd=REPO)
     try:
         deadline = time.time() + 60
-        while not list(directory.glob(".checkpoint-*.tmp")):  # a 256 MB write has begun
+        while not list(directory.glob(".checkpoint.pt.*.tmp")):  # a 256 MB write has begun
             assert time.time() < deadline and proc.poll() is None
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
         proc.kill()
-    return bool(list(directory.glob(".checkpoint-*.tmp")))
+    return bool(list(directory.glob(".checkpoint.pt.*.tmp")))
 
 
 def test_a_process_killed_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path):
