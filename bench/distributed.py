@@ -19,12 +19,13 @@ from progan.config import load_config
 
 
 def run_once(cfg, shards: str, workers: int, root: Path) -> dict:
+    from cluster.local import TRAIN_SLOT
     from progan.trainer import build_trainer
 
     run_dir = root / f"workers{workers}"
     run_dir.mkdir()
     started = time.time()
-    build_trainer(cfg, run_dir, shards, workers=workers, train_slot=True).fit()
+    build_trainer(cfg, run_dir, shards, workers=workers, train_slot=TRAIN_SLOT).fit()
     stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()][3:]
     return {"img_per_s": statistics.median(s["img_per_s"] for s in stats),
             "data_wait_share": statistics.median(s["data_wait_share"] for s in stats),

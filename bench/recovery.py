@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print one JSON line (the default)")
     args = p.parse_args()
     from cluster.local import LocalCluster
+    from cluster.local import TRAIN_SLOT
     from progan.trainer import build_trainer
 
     cfg = load_config("configs/demo.yaml", [
@@ -84,7 +85,7 @@ def main() -> None:
         run_dir = Path(root) / "recovery"
         run_dir.mkdir()
         run = BackgroundRun(build_trainer(cfg, run_dir, args.shards,
-                                          workers=3, train_slot=True), run_dir)
+                                          workers=3, train_slot=TRAIN_SLOT), run_dir)
         run.wait_for(lambda e: e["event"] == "checkpoint")
         killed = time.time()
         os.kill(run.worker_pids()[-1], signal.SIGKILL)

@@ -1,10 +1,12 @@
-"""N Ray nodes on this machine, all on loopback, for `launch.py --nodes N` and the tests.
+"""N Ray nodes on this machine, all on loopback: the one way this project starts local Ray nodes
+(`launch.py --nodes N`, `python -m data_pipeline`, the tests).
 
-Each node is a real raylet (`ray.cluster_utils.Cluster`). Every node gets two logical CPUs and
-one `trainslot`: the training worker takes a CPU and the slot, so workers spread one per node
-and each node keeps a CPU for Ray Data's read tasks (ray-2.60-facts.md: with one CPU per node
-the ingest hung). Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray starts, or every node
-advertises the machine's network address instead of 127.0.0.1.
+Each node is a real raylet (`ray.cluster_utils.Cluster`). By default every node gets two logical
+CPUs and one `trainslot`: the training worker takes a CPU and the slot, so workers spread one per
+node and each node keeps a CPU for Ray Data's tasks (with one CPU per node, Ray Data's tasks
+found no CPU beside the training workers and the ingest hung). Ray must be kept on loopback
+(`keep_ray_on_loopback`) before it is first imported, or every node advertises the machine's
+network address instead of 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -17,20 +19,27 @@ from data_pipeline.errors import UserError
 
 CPUS_PER_NODE = 2
 # A custom resource that these nodes carry, one per node: it pins one training worker per node
-# and leaves the node's other CPU to the data pipeline's Ray Data tasks (ray-2.60-facts.md: with
-# one CPU per node Ray Data's tasks never ran). progan.trainer asks for it; so do cluster/'s
-# configs for real clusters.
+# and leaves the node's other CPU to the data pipeline's Ray Data tasks. launch.py passes its
+# name to progan.trainer.build_trainer for these nodes; cluster/'s configs for real clusters give
+# their worker nodes one each too.
 TRAIN_SLOT = "trainslot"
 METRIC_PORT_VARIABLES = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
 LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def keep_ray_on_loopback() -> None:
-    """Makes every Ray process started from here bind and advertise 127.0.0.1 only. Ray reads the
-    variable once, when it is first imported: call this before anything imports ray (launch.py
-    does it first thing; a late call would leave gcs_server, the raylets and the agents listening
-    on every interface)."""
-    os.environ[LOOPBACK_VARIABLE] = "0"
+def is_loopback(address: str | None) -> bool:
+    """Whether the Ray cluster at `address` is this machine's own on loopback: none given (local
+    nodes to start), or 127.x / localhost."""
+    return not address or address.startswith(("127.", "localhost"))
+
+
+def keep_ray_on_loopback(address: str | None = None) -> None:
+    """For local nodes or a cluster joined on loopback (`is_loopback(address)`), makes every Ray
+    process started from here bind and advertise 127.0.0.1 only. Ray reads the variable once,
+    when it is first imported: call this before anything imports ray (a late call would leave
+    gcs_server, the raylets and the agents listening on every interface)."""
+    if is_loopback(address):
+        os.environ[LOOPBACK_VARIABLE] = "0"
 
 
 def free_port() -> int:
@@ -55,8 +64,8 @@ def free_port() -> int:
 
 def local_gpu_count() -> int:
     """This machine's GPUs as Ray counts them (NVML, within CUDA_VISIBLE_DEVICES). Ray's own count
-    rather than torch's: importing torch here would hold up the cluster's start by ~3 s on a small
-    CPU. Imports Ray: call keep_ray_on_loopback() first."""
+    rather than torch's: importing torch here would hold up the cluster's start. Imports Ray: call
+    keep_ray_on_loopback() first."""
     from ray._private.accelerators import get_accelerator_manager_for_resource
 
     try:
@@ -96,34 +105,37 @@ class LocalCluster:
     connects this process as the driver, and tears everything down on exit."""
 
     def __init__(self, nodes: int, dashboard_port: int = 8265, include_dashboard: bool = True,
-                 system_config: dict | None = None, free_metric_ports: bool = False):
+                 system_config: dict | None = None, free_metric_ports: bool = False,
+                 cpus_per_node: int = CPUS_PER_NODE, log_to_driver: bool = True):
         """`system_config`: Ray's `_system_config` for the head (e.g. a shorter
         metrics_report_interval_ms). `free_metric_ports`: the dashboard and the autoscaler export
         their metrics on fixed ports (44227, 44217) that another cluster on this machine may hold;
         with this, the head takes free loopback ports instead (they are in the session's Prometheus
-        discovery file either way)."""
+        discovery file either way). `cpus_per_node`: logical CPUs of each node (the data pipeline
+        shares the machine's out). `log_to_driver`: the workers' output on this process's console."""
         if nodes < 1:
             raise ValueError(f"--nodes: got {nodes}, allowed: >= 1")
         self.nodes, self.dashboard_port, self.include_dashboard = nodes, dashboard_port, include_dashboard
         self.system_config, self.free_metric_ports = dict(system_config or {}), free_metric_ports
+        self.cpus_per_node, self.log_to_driver = cpus_per_node, log_to_driver
         self.cluster = None
         self.dashboard_url = ""
 
     def _node_args(self) -> dict:
-        return {"num_cpus": CPUS_PER_NODE, "num_gpus": _gpus_per_node(self.nodes),
+        return {"num_cpus": self.cpus_per_node, "num_gpus": _gpus_per_node(self.nodes),
                 "resources": {TRAIN_SLOT: 1}}
 
     def start(self) -> "LocalCluster":
         keep_ray_on_loopback()  # effective only if ray is not imported yet: see the function
         # Train's print patch sends each worker print to the driver twice; plain stdout is enough
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-        # no usage reporting from a local cluster: one actor process less to start (~3 CPU-s)
+        # no usage reporting from a local cluster: one actor process less to start
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # Train's preemption watcher polls for cloud nodes being drained; these nodes are processes
-        # here, and its actor would take ~3 CPU-s while the workers start
+        # here, and its actor would only take CPU time while the workers start
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # the head prestarts a Python worker per CPU for the first driver, but Train's actors each
-        # start their own process (checked: those two stayed idle), and they would take ~2 CPU-s
+        # start their own process (checked: those stayed idle), and starting them takes CPU time
         # just as Train's controller starts
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         if self.include_dashboard:
@@ -148,7 +160,7 @@ class LocalCluster:
                     os.environ[key] = value
         for _ in range(self.nodes - 1):
             self.cluster.add_node(**self._node_args())
-        context = ray.init(address=self.cluster.address, logging_level="WARNING", log_to_driver=True)
+        context = ray.init(address=self.cluster.address, logging_level="WARNING", log_to_driver=self.log_to_driver)
         self.cluster.wait_for_nodes()
         self.dashboard_url = f"http://{context.dashboard_url}" if context.dashboard_url else ""
         return self

@@ -18,10 +18,10 @@ run=NAME (monitoring/).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
+from cluster.local import keep_ray_on_loopback
 from data_pipeline.config import IMAGE_FORMATS, PrepareConfig
 from data_pipeline.errors import OneLineParser, UserError, run_cli
 from data_pipeline.manifest import check_same_settings, ensure_writable_folder, read_manifest
@@ -65,10 +65,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     sources = list_sources(list(config.inputs))
     started = time.monotonic()
-    if args.address is None or args.address.startswith(("127.", "localhost")):
-        # Nodes we start, or a cluster we join on loopback, keep this driver on 127.0.0.1 too.
-        # Ray reads this when it is first imported, just below.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    keep_ray_on_loopback(args.address)  # before Ray is first imported, just below
     from data_pipeline.prepare import prepare  # torch and Ray load only once the arguments are good
     from data_pipeline.runtime import ray_session
 

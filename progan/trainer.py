@@ -12,7 +12,6 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
 
-from cluster.local import TRAIN_SLOT
 from data_pipeline import storage
 from progan.config import Config
 from progan.train_loop import train_loop_per_worker
@@ -71,13 +70,15 @@ def _use_gpu(cfg: Config) -> bool:
     return cfg.cluster.use_gpu == "true"
 
 
-def scaling_config(cfg: Config, workers: int, train_slot: bool) -> ScalingConfig:
+def scaling_config(cfg: Config, workers: int, train_slot: str | None) -> ScalingConfig:
+    """`train_slot`: a custom resource each worker also takes one of (the launcher's local nodes
+    carry one each, so that workers spread one per node); None for none."""
     use_gpu = _use_gpu(cfg)
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
     if train_slot:
-        resources[TRAIN_SLOT] = 1
+        resources[train_slot] = 1
     low = cfg.cluster.min_workers
     num_workers = (low, workers) if 0 < low < workers else workers
     return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
@@ -85,7 +86,7 @@ def scaling_config(cfg: Config, workers: int, train_slot: bool) -> ScalingConfig
 
 
 def build_trainer(cfg: Config, run_dir: Path, shards: str | Path, workers: int,
-                  train_slot: bool = False, extra_loop_config: dict | None = None) -> TorchTrainer:
+                  train_slot: str | None = None, extra_loop_config: dict | None = None) -> TorchTrainer:
     """`run_dir` is storage_path/name, so Ray's checkpoints land in the run folder, and a new
     trainer on the same folder resumes from its latest checkpoint. A URL (s3://bucket/runs/NAME)
     puts them on object storage, where every node reaches them (Ray uploads each checkpoint from

@@ -1,10 +1,11 @@
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from cluster.local import keep_ray_on_loopback
 
 REPO = Path(__file__).resolve().parents[1]
 FACES = REPO.parent / "shared" / "faces"
@@ -17,8 +18,7 @@ def faces_dir() -> Path:
     return FACES
 
 
-# Keep every Ray node a test starts on loopback (ray-2.60-facts.md).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+keep_ray_on_loopback()  # every Ray node a test starts, before any test module imports Ray
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import webdataset as wds
 from facenet_pytorch import MTCNN
 from PIL import Image
@@ -30,6 +29,7 @@ from data_pipeline.errors import UserError
 from data_pipeline.faces import Detection, Rejected, crop_square, describe, pick_face
 from data_pipeline.manifest import BELOW_THRESHOLD, NO_FACE, read_manifest
 from data_pipeline.prepare import prepare
+from data_pipeline.runtime import ray_session
 from data_pipeline.shards import WORK_DIR_NAME
 from data_pipeline.sources import list_sources
 
@@ -58,10 +58,8 @@ EXPECTED_REJECTS = {
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+    with ray_session():  # one local node, as the CLI without --nodes or --address
+        yield
 
 
 @pytest.fixture(scope="module")

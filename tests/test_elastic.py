@@ -6,6 +6,7 @@ import signal
 import pytest
 
 from bench.recovery import BackgroundRun
+from cluster.local import TRAIN_SLOT
 from progan.trainer import build_trainer
 
 from conftest import read_jsonl, tiny_config
@@ -15,7 +16,7 @@ CLUSTER_NODES = 3
 
 def start_run(cfg, run_dir, shards, workers, **loop_config) -> BackgroundRun:
     run_dir.mkdir(parents=True)
-    trainer = build_trainer(cfg, run_dir, shards, workers=workers, train_slot=True,
+    trainer = build_trainer(cfg, run_dir, shards, workers=workers, train_slot=TRAIN_SLOT,
                             extra_loop_config=loop_config)
     return BackgroundRun(trainer, run_dir)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.local import LOOPBACK_VARIABLE
 from conftest import REPO, TINY_OVERRIDES, copy_test_photos
 from s3 import SeaweedS3, free_ports
 
@@ -90,7 +91,7 @@ class ExternalCluster:
         # cluster on this machine may have written it), and a joining node does not follow: every
         # process of this cluster (nodes, drivers, `ray job submit`) gets this cluster's own token.
         self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-        self.env = {**env, **self.auth, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+        self.env = {**env, **self.auth, LOOPBACK_VARIABLE: "0", "RAY_USAGE_STATS_ENABLED": "0",
                     "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"}  # `python` in a job: this venv's
         self.temp_dir = tempfile.mkdtemp(prefix="rx", dir="/tmp")  # short: Ray's socket paths live below it
         (self.port, self.dashboard_port, client, agent_head, agent_node, dash_metrics,
@@ -121,7 +122,7 @@ class ExternalCluster:
 
     def client_env(self, env: dict[str, str]) -> dict[str, str]:
         """`env` for a driver or `ray job submit` talking to this cluster."""
-        return {**env, **self.auth, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        return {**env, **self.auth, LOOPBACK_VARIABLE: "0"}
 
     def log_tail(self) -> str:
         return " | ".join((Path(self.temp_dir) / f"{name}.log").read_text(errors="replace")[-1500:]

@@ -265,6 +265,7 @@ class _Training:
 
     def __init__(self, run_dir: Path, shards: Path):
         from progan.train_loop import STOP_FILE
+        from cluster.local import TRAIN_SLOT
         from progan.trainer import build_trainer
 
         cfg = tiny_config(*TRAINING_OVERRIDES)
@@ -272,7 +273,7 @@ class _Training:
         self.run_dir, self.stop_file = run_dir, run_dir / STOP_FILE
         self.error: BaseException | None = None
         self.result = None
-        self.trainer = build_trainer(cfg, run_dir, shards, workers=WORKERS, train_slot=True,
+        self.trainer = build_trainer(cfg, run_dir, shards, workers=WORKERS, train_slot=TRAIN_SLOT,
                                      extra_loop_config={"test_hooks": {"nan_at_kimg": NAN_AT_KIMG}})
         self.thread = threading.Thread(target=self._fit, daemon=True)
         self.thread.start()

@@ -21,6 +21,7 @@ from progan.config import config_from_dict, save_config
 from progan.losses import WGANGP
 from progan.schedule import batch_shares, build_phases, share_weights
 from progan.train_loop import build_networks, wrap_for_phase
+from cluster.local import TRAIN_SLOT
 from progan.trainer import build_trainer
 from progan.training_step import resolution_scale_for
 
@@ -38,11 +39,11 @@ def interrupted_then_resumed(cluster, shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     run_dir.mkdir()
     cfg = tiny_config("data.loader_workers=1")  # decoding in a DataLoader process, inside a Ray worker
-    first = build_trainer(cfg, run_dir, shards, workers=2, train_slot=True,
+    first = build_trainer(cfg, run_dir, shards, workers=2, train_slot=TRAIN_SLOT,
                           extra_loop_config={"test_hooks": {"fail_after_kimg": 0.19}})
     with pytest.raises(ray.train.WorkerGroupError, match="injected failure"):
         first.fit()
-    result = build_trainer(cfg, run_dir, shards, workers=2, train_slot=True).fit()
+    result = build_trainer(cfg, run_dir, shards, workers=2, train_slot=TRAIN_SLOT).fit()
     return run_dir, result
 
 
@@ -230,7 +231,7 @@ def test_resume_goes_on_from_the_newest_checkpoint_that_loads(interrupted_then_r
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and f"{newest}: unreadable (" in lines[0], lines
     assert lines[0].endswith(f"); resuming from the older {older.parent.name} (kimg {older_kimg:.3f})"), lines
-    result = build_trainer(cfg, run, shards, workers=2, train_slot=True).fit()
+    result = build_trainer(cfg, run, shards, workers=2, train_slot=TRAIN_SLOT).fit()
     events = read_jsonl(run / "events.jsonl")
     unusable = [e for e in events if e["event"] == "checkpoint_unusable"]
     assert len(unusable) == 1 and unusable[0]["resumed_from"] == older.parent.name
