@@ -1,6 +1,6 @@
 """Training checkpoints for tests, made without Ray or a training run.
 
-`make_checkpoint(directory)` writes the dict `progan.train_loop._Trainer._state` saves (config,
+`make_checkpoint(directory)` writes the dict `progan.run_state.RunState.to_checkpoint` makes (config,
 the three networks, progress counters) through `progan.checkpoint.save_checkpoint`, for a network
 small enough for CPU tests. The EMA generator's weights are the trained G's plus noise, so a test
 can tell `--raw` from the default.
@@ -34,7 +34,7 @@ def make_checkpoint(directory: str | Path, resolution: int = 16, alpha: float = 
 
     cfg = cfg or tiny_model_config()
     m = cfg.model
-    torch.manual_seed(seed)  # as train_loop.build_networks, with the test's seed
+    torch.manual_seed(seed)  # as progan.run_state.build_networks, with the test's seed
     G = Generator(m.max_resolution, m.latent_size, m.fmap_base, m.fmap_max, m.num_channels)
     D = Discriminator(m.max_resolution, m.fmap_base, m.fmap_max, m.num_channels, m.mbstd_group_size)
     G_ema = copy.deepcopy(G)

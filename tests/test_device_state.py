@@ -4,7 +4,7 @@ functions stubbed; the loop only chooses when to call them)."""
 import torch
 
 from progan.checkpoint import load_checkpoint, save_checkpoint
-from progan.train_loop import cuda_rng_state, restore_cuda_rng_state
+from progan.run_state import restore_rng, rng_state
 from progan.trainer import process_group_backend
 
 
@@ -18,15 +18,17 @@ def test_cuda_rng_state_is_saved_and_restored_only_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.arange(4, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", state.tolist(), device)))
     gpu = torch.device("cuda", 1)
-    assert cuda_rng_state(torch.device("cpu")) is None and calls == []
-    assert cuda_rng_state(gpu).tolist() == [0, 1, 2, 3] and calls == [("get", gpu)]
-    states = [torch.tensor([7], dtype=torch.uint8), torch.tensor([9], dtype=torch.uint8)]
-    restore_cuda_rng_state(states, 1, gpu)
+    assert rng_state(torch.device("cpu"))[1] is None and calls == []
+    assert rng_state(gpu)[1].tolist() == [0, 1, 2, 3] and calls == [("get", gpu)]
+    cpu = [torch.get_rng_state()] * 2
+    state = {"rng_states": cpu, "cuda_rng_states": [torch.tensor([7], dtype=torch.uint8), torch.tensor([9], dtype=torch.uint8)]}
+    assert restore_rng(state, 1, 2, gpu)
     assert calls[-1] == ("set", [9], gpu)
     calls.clear()
-    restore_cuda_rng_state(states, 1, torch.device("cpu"))   # CPU training: nothing to restore
-    restore_cuda_rng_state(None, 0, gpu)                      # a checkpoint from before this state
-    restore_cuda_rng_state([None, None], 0, gpu)              # a checkpoint of CPU training
+    assert restore_rng(state, 1, 2, torch.device("cpu"))                         # CPU training: no CUDA state
+    assert restore_rng({"rng_states": cpu}, 0, 2, gpu)                            # a checkpoint from before this state
+    assert restore_rng({"rng_states": cpu, "cuda_rng_states": [None, None]}, 0, 2, gpu)  # a checkpoint of CPU training
+    assert not restore_rng(state, 0, 3, gpu)                                      # another world size: seeded afresh
     assert calls == []
 
 

@@ -5,11 +5,12 @@ import signal
 
 import pytest
 
-from bench.recovery import BackgroundRun
+from progan.background_run import BackgroundRun
 from cluster.local import TRAIN_SLOT
 from progan.trainer import build_trainer
 
 from conftest import read_jsonl, tiny_config
+from faults import FaultInjection
 
 CLUSTER_NODES = 3
 
@@ -40,7 +41,7 @@ def test_killed_worker_restarts_from_checkpoint_and_completes(cluster, shards, t
 
 def test_nan_in_the_loss_rolls_back_once_and_finishes(cluster, shards, tmp_path):
     cfg = tiny_config("cluster.max_failures=3")
-    run = start_run(cfg, tmp_path / "run", shards, workers=2, test_hooks={"nan_at_kimg": 0.2})
+    run = start_run(cfg, tmp_path / "run", shards, workers=2, callback=FaultInjection(nan_at_kimg=0.2))
     result = run.join()
     events = run.events()
     rollbacks = [e for e in events if e["event"] == "nan_rollback"]
@@ -51,13 +52,14 @@ def test_nan_in_the_loss_rolls_back_once_and_finishes(cluster, shards, tmp_path)
 
 def test_repeated_nan_stops_the_run_with_a_clear_event(cluster, shards, tmp_path):
     cfg = tiny_config("cluster.max_failures=5", "checkpoint.max_nan_rollbacks=2")
-    run = start_run(cfg, tmp_path / "run", shards, workers=2, test_hooks={"nan_at_kimg": 0.2, "nan_every_attempt": True})
+    run = start_run(cfg, tmp_path / "run", shards, workers=2, callback=FaultInjection(nan_at_kimg=0.2, nan_every_attempt=True))
     result = run.join()
     events = run.events()
     assert len([e for e in events if e["event"] == "nan_rollback"]) == 2
     stopped = [e for e in events if e["event"] == "stopped"]
     assert len(stopped) == 1 and "2 rollbacks to the checkpoint at kimg 0.192" in stopped[0]["reason"]
     assert result.metrics["images_seen"] == 192
+    assert result.checkpoint.get_metadata()["nan_rollbacks"] == 2  # the count lives with the checkpoint
 
 
 def test_removed_node_trains_on_and_an_added_node_is_used(cluster, shards, tmp_path):
@@ -86,7 +88,7 @@ def test_the_same_error_twice_stops_the_run_with_that_error(cluster, shards, tmp
     """A worker that fails on the same error after a restart would fail on every restart: the run
     stops after the first repeat, not after all of cluster.max_failures."""
     cfg = tiny_config("cluster.max_failures=5")
-    run = start_run(cfg, tmp_path / "run", shards, workers=2, test_hooks={"error_after_kimg": 0.09})
+    run = start_run(cfg, tmp_path / "run", shards, workers=2, callback=FaultInjection(error_after_kimg=0.09))
     run.join()
     events = run.events()
     assert [e["event"] for e in events if e["event"] in ("start", "resume")] == ["start", "resume"]

@@ -196,6 +196,7 @@ def test_the_same_error_twice_stops_a_run_on_the_bucket(s3, s3_shards, cluster):
     logs its error, and the attempt after the repeat stops the run instead of spending all of
     cluster.max_failures. (Ray may kill a rank before it logs: the other rank's line suffices.)"""
     from conftest import tiny_config
+    from faults import FaultInjection
     from cluster.local import TRAIN_SLOT
     from progan.trainer import build_trainer
 
@@ -203,7 +204,7 @@ def test_the_same_error_twice_stops_a_run_on_the_bucket(s3, s3_shards, cluster):
     run = f"s3://{BUCKET}/runs/same-error"
     cfg = tiny_config("cluster.max_failures=5")
     build_trainer(cfg, run, shards, workers=2, train_slot=TRAIN_SLOT,
-                  extra_loop_config={"test_hooks": {"error_after_kimg": 0.09}}).fit()
+                  extra_loop_config={"callback": FaultInjection(error_after_kimg=0.09)}).fit()
     events = read_events(s3, run)
     assert [e["event"] for e in events if e["event"] in ("start", "resume")] == ["start", "resume"]
     errors = [e for e in events if e["event"] == "worker_error"]

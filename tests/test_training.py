@@ -20,12 +20,14 @@ from progan.checkpoint import load_checkpoint, run_checkpoints
 from progan.config import config_from_dict, save_config
 from progan.losses import WGANGP
 from progan.schedule import batch_shares, build_phases, share_weights
-from progan.train_loop import build_networks, wrap_for_phase
+from progan.phase_training import wrap_for_phase
+from progan.run_state import build_networks
 from cluster.local import TRAIN_SLOT
 from progan.trainer import build_trainer
 from progan.training_step import resolution_scale_for
 
 from conftest import read_jsonl, tiny_config
+from faults import FaultInjection
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL_IMAGES = 640  # five phases of 128 images: 4 stable, 8 fade, 8 stable, 16 fade, 16 stable
@@ -40,7 +42,7 @@ def interrupted_then_resumed(cluster, shards, tmp_path_factory):
     run_dir.mkdir()
     cfg = tiny_config("data.loader_workers=1")  # decoding in a DataLoader process, inside a Ray worker
     first = build_trainer(cfg, run_dir, shards, workers=2, train_slot=TRAIN_SLOT,
-                          extra_loop_config={"test_hooks": {"fail_after_kimg": 0.19}})
+                          extra_loop_config={"callback": FaultInjection(fail_after_kimg=0.19)})
     with pytest.raises(ray.train.WorkerGroupError, match="injected failure"):
         first.fit()
     result = build_trainer(cfg, run_dir, shards, workers=2, train_slot=TRAIN_SLOT).fit()
@@ -273,7 +275,7 @@ def test_nan_between_stats_lines_is_caught_before_the_next_checkpoint(cluster, s
     saved."""
     cfg = tiny_config("monitoring.log_every_steps=5", "schedule.total_kimg=0.224", "cluster.max_failures=1")
     run_dir = tmp_path / "nan"
-    result = build_trainer(cfg, run_dir, shards, workers=2, extra_loop_config={"test_hooks": {"nan_at_kimg": 0.17}}).fit()
+    result = build_trainer(cfg, run_dir, shards, workers=2, extra_loop_config={"callback": FaultInjection(nan_at_kimg=0.17)}).fit()
     events = read_jsonl(run_dir / "events.jsonl")
     rollbacks = [e for e in events if e["event"] == "nan_rollback"]
     assert len(rollbacks) == 1
