@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from monitoring import dashboard as dash
+import dashboard_queries as dash
 from monitoring import metrics as M
 
 MONITORING = dash.MONITORING

@@ -1,13 +1,16 @@
-"""Reading the Grafana dashboard JSON: its panels, their PromQL, and that PromQL made runnable
-against Prometheus' HTTP API (Grafana's variables replaced), for tests and for checking a run."""
+"""The Grafana dashboard JSON as the tests read it (its panels, their PromQL, that PromQL made
+runnable against Prometheus' HTTP API with Grafana's variables replaced), and a small client of
+that API."""
 from __future__ import annotations
 
 import json
 import re
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-MONITORING = Path(__file__).resolve().parent
+MONITORING = Path(__file__).resolve().parents[1] / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "progan-training.json"
 DATASOURCE_PROVISIONING = MONITORING / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVISIONING = MONITORING / "grafana" / "provisioning" / "dashboards" / "progan.yml"
@@ -93,3 +96,27 @@ def metric_names(expr: str) -> set[str]:
         if token.group() not in ("and", "or", "unless", "bool", "offset", "inf", "nan"):
             names.add(token.group())
     return names
+
+
+class PrometheusAPI:
+    """Prometheus' HTTP API at `url`: instant and range queries, active targets. Raises on an HTTP
+    error or a query Prometheus refuses."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def _get(self, path: str, **params) -> dict | list:
+        with urllib.request.urlopen(f"{self.url}{path}?{urllib.parse.urlencode(params)}", timeout=10) as r:
+            body = json.loads(r.read().decode())
+        if body.get("status") != "success":
+            raise RuntimeError(f"{path} {params}: {body}")
+        return body["data"]
+
+    def query(self, expr: str, time_s: float | None = None) -> list[dict]:
+        return self._get("/api/v1/query", query=expr, **({} if time_s is None else {"time": f"{time_s:.3f}"}))["result"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
+        return self._get("/api/v1/query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=step)["result"]
+
+    def targets(self) -> list[dict]:
+        return self._get("/api/v1/targets", state="active")["activeTargets"]
