@@ -13,7 +13,6 @@ import hashlib
 import importlib
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -52,17 +51,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--override-config", action="store_true",
                    help="on --resume: apply config values that differ from the run's own (default: list them, keep the run's)")
     p.add_argument("--run-name", default=None, help="name of the run folder under checkpoint.run_root")
-    p.add_argument("--workers", type=int, default=None, help="training workers (default: one per node)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="training workers, the most an elastic run grows back to (default: one per node)")
     p.add_argument("--min-nodes", type=int, default=None,
-                   help="elastic: fewest workers to keep training with (default 1; equal to --nodes for a fixed size)")
-    p.add_argument("--max-nodes", type=int, default=None, help="elastic: most workers to grow back to")
+                   help="elastic: fewest workers to keep training with (default: cluster.min_workers, 1; "
+                        "equal to --workers for a fixed size)")
+    p.add_argument("--max-nodes", type=int, default=None, help="the same as --workers")
     p.add_argument("--dashboard-port", type=int, default=8265)
     p.add_argument("--prometheus", action=argparse.BooleanOptionalAction, default=None,
                    help="a local Prometheus on 127.0.0.1 for the run (default: on when `prometheus` is on PATH)")
-    p.add_argument("--prometheus-port", type=int, default=None, help="default: one Prometheus picks")
-    p.add_argument("--grafana-url", default=None, metavar="URL",
-                   help="a Grafana reading the run's Prometheus (e.g. monitoring/docker-compose.yml's "
-                        "http://127.0.0.1:3000): Ray's dashboard embeds its charts")
+    p.add_argument("--prometheus-port", type=int, default=None, help="default: a free port")
     return p.parse_args(argv)
 
 
@@ -91,18 +89,18 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
         c.nodes = args.nodes
     if args.address is not None:
         c.address = args.address
-    if args.workers is not None:
-        c.workers = args.workers
-    if args.max_nodes is not None:
-        c.workers = args.max_nodes
+    if None not in (args.workers, args.max_nodes) and args.workers != args.max_nodes:
+        raise UserError(f"--workers {args.workers} and --max-nodes {args.max_nodes}: both set the most "
+                        f"training workers; give one of them")
+    for most in (args.workers, args.max_nodes):
+        if most is not None:
+            c.workers = most
     if args.min_nodes is not None:
         c.min_workers = args.min_nodes
-    elif c.min_workers == 0:
-        c.min_workers = 1  # elastic by default: train on with whatever workers remain
     if args.data is not None:
         cfg.data.path = args.data
     workers = c.workers or c.nodes
-    if workers < 1 or (c.min_workers and not 1 <= c.min_workers <= workers):
+    if not 1 <= c.min_workers <= workers:
         raise UserError(f"--min-nodes/--max-nodes: got {c.min_workers}..{workers}, allowed: 1 <= min <= max")
     if not cfg.data.path:
         raise UserError("no data: pass --data DIR (shards or raw photos) or set data.path")
@@ -302,7 +300,7 @@ def check_remote_resume(cfg: Config, run_dir: storage.RemotePath) -> None:
 
 
 def preload_trainer() -> None:
-    """Imports the trainer (Ray Train, torch, the training loop: ~5 CPU-seconds) in a thread while
+    """Imports the trainer (Ray Train, torch, the training loop: seconds of CPU) in a thread while
     the Ray nodes start. Starting nodes is mostly waiting for their processes to register, so the
     imports cost no time there; after the cluster is up they would delay the first step."""
     def load() -> None:
@@ -365,27 +363,28 @@ def prepare_shards(cfg: Config, photos: Path, run_dir: Path) -> Path:
 
 @contextlib.contextmanager
 def prometheus(cfg: Config, args: argparse.Namespace, run_dir: Path):
-    """If wanted, the run's Prometheus, started before Ray: Ray's dashboard reads where it is (and
-    where --grafana-url's Grafana is) once, as the head starts. Yields its folder for
-    scrape_cluster(), or None. Metrics never stop a run: a Prometheus that fails costs one line."""
-    from monitoring.prometheus import ray_dashboard_env, run_prometheus
+    """The launcher's own gauges and, if wanted, a Prometheus scraping every node of this cluster.
+    Metrics never stop a run: whatever fails here logs one line and training goes on."""
+    from monitoring.metrics import LauncherMetrics
+    from monitoring.prometheus import current_session_dir, start_prometheus
 
-    wanted = args.prometheus if args.prometheus is not None else (
-        cfg.monitoring.prometheus == "true" or (cfg.monitoring.prometheus == "auto" and shutil.which("prometheus")))
-    folder, url = local_folder(run_dir) / "prometheus", None
-    with contextlib.ExitStack() as stack:
-        try:
-            url = stack.enter_context(run_prometheus(folder, args.prometheus_port or 0)) if wanted else None
-        except (OSError, RuntimeError) as exc:
-            print(f"[launch] no Prometheus for this run: {exc}", flush=True)
-        os.environ.update(ray_dashboard_env(url, args.grafana_url))
-        if url:
-            print(f"[launch] Prometheus: {url} (data in {folder})", flush=True)
-        if url and cfg.cluster.address:
-            print(f"[launch] a dashboard started elsewhere shows it if its head had RAY_PROMETHEUS_HOST={url}")
-        if args.grafana_url:
-            print(f"[launch] Grafana: {args.grafana_url.rstrip('/')}/d/progan-training (\"ProGAN training\")")
-        yield folder if url else None
+    workers = cfg.cluster.workers or cfg.cluster.nodes
+    launcher = LauncherMetrics(run_dir.name, max_workers=workers, min_workers=cfg.cluster.min_workers or None)
+    wanted = args.prometheus if args.prometheus is not None else cfg.monitoring.prometheus
+    if wanted is None:  # auto: when one is installed
+        wanted = bool(shutil.which("prometheus"))
+    server = None
+    if wanted:
+        server = start_prometheus(args.prometheus_port, current_session_dir(), local_folder(run_dir) / "prometheus",
+                                  extra_targets=[launcher.address] if launcher.address else [])
+        if server:
+            print(f"[launch] Prometheus: {server.url} (Grafana: monitoring/README.md)", flush=True)
+    try:
+        yield server
+    finally:
+        if server:
+            server.stop()
+        launcher.stop()
 
 
 def train(cfg: Config, run_dir: Path, shards: Path, local_nodes: bool) -> dict:
@@ -430,8 +429,6 @@ def check_before_start(args: argparse.Namespace) -> tuple[Config, Path, Path, bo
         check_gpus_for_nodes(cfg.cluster.nodes, cfg.cluster.use_gpu)
     if args.prometheus_port is not None:
         check_port_free("--prometheus-port", args.prometheus_port)
-    if args.grafana_url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", args.grafana_url):
-        raise UserError(f"--grafana-url {args.grafana_url}: expected a URL such as http://127.0.0.1:3000")
     make_run_folder(run_dir)
     return cfg, run_dir, data_path, is_shards
 
@@ -447,17 +444,14 @@ def launch(args: argparse.Namespace) -> int:
     # under `ray job submit --working-dir`, `monitoring` imported after ray.init was not found
     # (tests/test_external_cluster.py): import it before Ray connects
     import monitoring.metrics  # noqa: F401
-    from monitoring.prometheus import scrape_cluster
-    with (prometheus(cfg, args, run_dir) as prometheus_dir,  # before Ray: see prometheus()
-          ray_cluster(cfg, args.dashboard_port) as (dashboard_url, local)):
-        if prometheus_dir:  # this session's own discovery file (no public Ray API names the session folder)
-            import ray
-            scrape_cluster(prometheus_dir, ray._private.worker._global_node.get_session_dir_path())
+    import monitoring.prometheus  # noqa: F401
+    with ray_cluster(cfg, args.dashboard_port) as (dashboard_url, local):
         if dashboard_url:
             print(f"[launch] Ray dashboard: {dashboard_url}", flush=True)
         print(f"[launch] Ray ready after {time.time() - started:.1f} s", flush=True)
         shards = data_path if is_shards else prepare_shards(cfg, data_path, run_dir)
-        metrics = train(cfg, run_dir, shards, local_nodes=local)
+        with prometheus(cfg, args, run_dir):
+            metrics = train(cfg, run_dir, shards, local_nodes=local)
     return report(run_dir, metrics)
 
 

@@ -24,6 +24,7 @@ def run_once(cfg, shards: str, workers: int, root: Path) -> dict:
 
     run_dir = root / f"workers{workers}"
     run_dir.mkdir()
+    cfg.cluster.min_workers = workers  # a fixed size: each figure at exactly this many workers
     started = time.time()
     build_trainer(cfg, run_dir, shards, workers=workers, train_slot=TRAIN_SLOT).fit()
     stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()][3:]
@@ -44,7 +45,7 @@ def main() -> None:
     cfg = load_config(args.config, [
         f"model.max_resolution={args.resolution}", f"schedule.start_resolution={args.resolution}",
         f"schedule.total_kimg={args.kimg}", f"schedule.minibatch_default={args.batch}", "schedule.minibatch={}",
-        "checkpoint.every_kimg=1000", "monitoring.log_every_steps=5", "cluster.min_workers=0"])
+        "checkpoint.every_kimg=1000", "monitoring.log_every_steps=5"])
     from cluster.local import LocalCluster
 
     with LocalCluster(2, include_dashboard=False), tempfile.TemporaryDirectory() as root:

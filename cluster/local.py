@@ -83,15 +83,15 @@ def _gpus_per_node(nodes: int) -> int:
     return local_gpu_count() // nodes
 
 
-def check_gpus_for_nodes(nodes: int, use_gpu: str) -> None:
+def check_gpus_for_nodes(nodes: int, use_gpu: bool | None) -> None:
     """Refuses, before Ray starts, local nodes that could not each get a GPU: with fewer GPUs than
     nodes every node would get none and the run would quietly train on the CPUs. `use_gpu`:
-    cluster.use_gpu (auto | true | false). Raises a one-line UserError saying what to pass."""
-    if use_gpu == "false":
+    cluster.use_gpu (true, false, or None: auto). Raises a one-line UserError saying what to pass."""
+    if use_gpu is False:
         return
     keep_ray_on_loopback()  # the count imports Ray; these nodes are local
     gpus = local_gpu_count()
-    if gpus == 0 and use_gpu == "true":
+    if gpus == 0 and use_gpu:
         raise UserError("cluster.use_gpu=true: Ray sees no GPU on this machine; "
                         "add cluster.use_gpu=auto or cluster.use_gpu=false to train on the CPUs")
     if 0 < gpus < nodes:

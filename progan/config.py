@@ -31,7 +31,7 @@ class DataConfig:
     mirror: bool = True            # random horizontal flip, as the official code for CelebA
     shuffle_buffer: int = 2000     # images held for local shuffling on each worker
     loader_workers: int = 0        # DataLoader processes decoding beside each training worker (large images)
-    seed: int = 0
+    seed: int = 0                  # the data alone: which shards each rank reads, their order, the mirroring
 
 
 @dataclass
@@ -42,7 +42,7 @@ class ModelConfig:
     fmap_max: int = 512
     num_channels: int = 3
     mbstd_group_size: int = 4
-    # NHWC activations and conv weights: the same maths, ~10% faster steps on CPU (oneDNN)
+    # NHWC activations and conv weights: the same maths, faster steps on CPU (oneDNN)
     channels_last: bool = True
     # fp32 | bf16: bf16 runs the networks' forward passes under autocast (weights, optimisers and
     # the EMA stay fp32; progan.training_step.in_precision); fast where the hardware has bf16
@@ -93,9 +93,11 @@ class ClusterConfig:
     nodes: int = 4                 # local nodes started by launch.py (when no address)
     address: str = ""              # "" = start a local cluster; "auto" or HOST:PORT = join one
     workers: int = 0               # training workers; 0 = one per node
-    min_workers: int = 0           # elastic lower bound; 0 = not elastic (always `workers`)
+    # elastic: the run trains on with as few as this many workers when some are lost, and grows
+    # back when they return; equal to the number of workers for a fixed size
+    min_workers: int = 1
     cpus_per_worker: int = 1
-    use_gpu: str = "auto"          # auto | true | false
+    use_gpu: bool | None = None    # true | false | null (written `auto` too): GPUs if the cluster has any
     # how long Ray Train waits for a worker group to start; after a node is lost the first
     # attempt still counts it, so this bounds recovery time (Ray's default is 60 s)
     worker_start_timeout_s: float = 30.0
@@ -105,7 +107,8 @@ class ClusterConfig:
 @dataclass
 class MonitoringConfig:
     log_every_steps: int = 10      # JSON stats line and progress line
-    prometheus: str = "auto"       # auto | true | false: start a local Prometheus for the run
+    # start a local Prometheus for the run: true | false | null (written `auto` too): if one is installed
+    prometheus: bool | None = None
     # images per set for the SWD of the EMA generator against the shards at each phase end and at
     # the end of the run (events.jsonl, Prometheus); -1: 4096 on a GPU, 256 on a CPU; 0: off
     swd_images: int = -1
@@ -122,6 +125,9 @@ class CheckpointConfig:
 
 @dataclass
 class Config:
+    # the networks' initial weights and each rank's random numbers (latents, penalty mixing);
+    # data.seed seeds the data alone, so either can change without the other
+    seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -154,6 +160,12 @@ def _coerce(name: str, value, tp):
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{name}: got {value!r}, expected true or false")
+    if tp == bool | None:  # true, false or null = decide at run time; `auto` also means null
+        if value is None or isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in AUTO_BOOL_WORDS:
+            return AUTO_BOOL_WORDS[value.lower()]  # also configs written when these were strings
+        raise ConfigError(f"{name}: got {value!r}, expected true, false or auto")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -167,13 +179,13 @@ def _coerce(name: str, value, tp):
             return float(value)
         raise ConfigError(f"{name}: got {value!r}, expected a number")
     if tp is str:
-        if isinstance(value, bool):  # YAML reads `true` as a bool; the str fields accept it
-            return "true" if value else "false"
-        if isinstance(value, (str, int, float)):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{name}: got {value!r}, expected a string")
     raise TypeError(f"unsupported config type {tp} for {name}")
 
+
+AUTO_BOOL_WORDS = {"auto": None, "true": True, "false": False}
 
 # Keys that configs and checkpoints written by older versions hold and this one no longer has:
 # skipped when read, so those runs still resume and load (model.cpu_winograd: the CPU Winograd
@@ -293,17 +305,14 @@ def validate(cfg: Config) -> None:
     c = cfg.cluster
     _check(c.nodes >= 1, "cluster.nodes", c.nodes, ">= 1")
     _check(c.workers >= 0, "cluster.workers", c.workers, ">= 0 (0 = one per node)")
-    _check(c.min_workers >= 0, "cluster.min_workers", c.min_workers, ">= 0 (0 = not elastic)")
+    _check(c.min_workers >= 1, "cluster.min_workers", c.min_workers, ">= 1 (the number of workers for a fixed size)")
     _check(c.cpus_per_worker >= 1, "cluster.cpus_per_worker", c.cpus_per_worker, ">= 1")
-    _check(c.use_gpu in ("auto", "true", "false"), "cluster.use_gpu", c.use_gpu, "auto, true, false")
     _check(c.worker_start_timeout_s > 0, "cluster.worker_start_timeout_s", c.worker_start_timeout_s, "> 0")
     _check(c.max_failures >= 0, "cluster.max_failures", c.max_failures, ">= 0")
     _check(cfg.monitoring.log_every_steps >= 1, "monitoring.log_every_steps",
            cfg.monitoring.log_every_steps, ">= 1")
     _check(cfg.monitoring.swd_images >= -1, "monitoring.swd_images", cfg.monitoring.swd_images,
            "-1 (auto), 0 (off) or a number of images")
-    _check(cfg.monitoring.prometheus in ("auto", "true", "false"), "monitoring.prometheus",
-           cfg.monitoring.prometheus, "auto, true, false")
     k = cfg.checkpoint
     _check(k.every_kimg > 0, "checkpoint.every_kimg", k.every_kimg, "> 0")
     _check(k.num_to_keep >= 1, "checkpoint.num_to_keep", k.num_to_keep, ">= 1")

@@ -65,9 +65,10 @@ def process_group_backend(use_gpu: bool) -> str:
 
 
 def _use_gpu(cfg: Config) -> bool:
-    if cfg.cluster.use_gpu == "auto":
+    """cluster.use_gpu, or when it is null (auto): whether the cluster has a GPU."""
+    if cfg.cluster.use_gpu is None:
         return ray.cluster_resources().get("GPU", 0) >= 1
-    return cfg.cluster.use_gpu == "true"
+    return cfg.cluster.use_gpu
 
 
 def scaling_config(cfg: Config, workers: int, train_slot: str | None) -> ScalingConfig:
@@ -80,7 +81,7 @@ def scaling_config(cfg: Config, workers: int, train_slot: str | None) -> Scaling
     if train_slot:
         resources[train_slot] = 1
     low = cfg.cluster.min_workers
-    num_workers = (low, workers) if 0 < low < workers else workers
+    num_workers = (low, workers) if low < workers else workers  # elastic between the two
     return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                          placement_strategy="SPREAD", elastic_resize_monitor_interval_s=10.0)
 

@@ -252,7 +252,7 @@ def test_rayjob_entrypoint_is_launch_py_with_data_and_run_on_object_storage():
     assert args[args.index("--address") + 1] == "auto"
     overrides = [a for a in args if not a.startswith("-") and "=" in a]
     cfg = load_config(REPO / args[args.index("--config") + 1], overrides)  # raises on a bad key
-    assert cfg.cluster.use_gpu == "true"
+    assert cfg.cluster.use_gpu is True
     assert args[args.index("--data") + 1].startswith("s3://")
     assert args[args.index("--storage") + 1].startswith("s3://")
 
@@ -338,7 +338,7 @@ def test_readme_commands_use_real_files_flags_and_config_keys():
                 # data and runs on the shared mount every config gives every node
                 assert args[args.index("--data") + 1].startswith("/mnt/shared/")
                 assert cfg.checkpoint.run_root.startswith("/mnt/shared/")
-                assert cfg.cluster.use_gpu == "true"
+                assert cfg.cluster.use_gpu is True
                 seen.add("launch")
             elif entry[:3] == ["python", "-m", "data_pipeline"]:
                 flags = {a for a in entry[3:] if a.startswith("--")}

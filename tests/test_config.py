@@ -31,7 +31,7 @@ def test_overrides_are_typed():
     assert cfg.schedule.fade_kimg == 3.0 and isinstance(cfg.schedule.fade_kimg, float)
     assert cfg.loss.kind == "logistic_r1"
     assert cfg.schedule.minibatch == {4: 8, 8: 4}
-    assert cfg.cluster.use_gpu == "false"
+    assert cfg.cluster.use_gpu is False
 
 
 @pytest.mark.parametrize("override, message", [
@@ -44,6 +44,9 @@ def test_overrides_are_typed():
     ("schedule.minibatch={4: 0}", "schedule.minibatch[4]: got 0, allowed: >= 1"),
     ("schedule.start_resolution=64", "schedule.start_resolution: got 64, allowed: a power of two in 4..model.max_resolution (32)"),
     ("data.mirror=3", "data.mirror: got 3, expected true or false"),
+    ("cluster.use_gpu=maybe", "cluster.use_gpu: got 'maybe', expected true, false or auto"),
+    ("cluster.min_workers=0", "cluster.min_workers: got 0, allowed: >= 1"),
+    ("cluster.address=true", "cluster.address: got True, expected a string"),
     ("nonsense", "override 'nonsense': expected key.sub=value"),
 ])
 def test_bad_values_name_the_field(override, message):
@@ -51,6 +54,13 @@ def test_bad_values_name_the_field(override, message):
         load_config("configs/demo.yaml", [override])
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("written, value", [("auto", None), ("null", None), ("true", True), ("'false'", False)])
+def test_auto_true_false_fields_hold_a_bool_or_none(written, value):
+    """`auto` (and configs saved when these fields were strings: 'false') read as None / bools."""
+    cfg = load_config("configs/demo.yaml", [f"cluster.use_gpu={written}", f"monitoring.prometheus={written}"])
+    assert cfg.cluster.use_gpu is value and cfg.monitoring.prometheus is value
 
 
 def test_bad_config_file_is_one_line(tmp_path):

@@ -122,7 +122,24 @@ def test_nodes_that_cannot_each_have_a_gpu_are_refused_before_ray_starts(faces_d
     assert not (tmp_path / "runs" / "gpu").exists()  # refused before the run folder, before Ray
 
 
-@pytest.mark.parametrize("nodes, gpus, use_gpu", [(2, 4, "auto"), (2, 2, "true"), (4, 1, "false"), (4, 0, "auto")])
+@pytest.mark.parametrize("nodes, gpus, use_gpu", [(2, 4, None), (2, 2, True), (4, 1, False), (4, 0, None)])
 def test_nodes_that_each_get_a_gpu_or_use_none_pass(monkeypatch, nodes, gpus, use_gpu):
     monkeypatch.setattr(cluster.local, "local_gpu_count", lambda: gpus)
     cluster.local.check_gpus_for_nodes(nodes, use_gpu)  # no UserError
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "3", "--max-nodes", "2"],
+     "error: --workers 3 and --max-nodes 2: both set the most training workers; give one of them"),
+    (["--workers", "2", "--min-nodes", "3"], "error: --min-nodes/--max-nodes: got 3..2, allowed: 1 <= min <= max"),
+    (["cluster.min_workers=0"], "error: cluster.min_workers: got 0, allowed: >= 1"),
+])
+def test_worker_counts_that_contradict_each_other_are_refused(faces_dir, tmp_path, capsys, flags, message):
+    """No flag silently wins over another, and no count silently becomes another."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(sorted((faces_dir / "aligned").glob("*.jpg"))[0], photos)
+    status = launch.main(["--nodes", "2", "--data", str(photos), "--no-prometheus", "--run-name", "w",
+                          f"checkpoint.run_root={tmp_path / 'runs'}", *flags])
+    err = capsys.readouterr().err
+    assert status == 2 and err.splitlines() == [err.strip()] and err.startswith(message), err
