@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -60,7 +61,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dashboard-port", type=int, default=8265)
     p.add_argument("--prometheus", action=argparse.BooleanOptionalAction, default=None,
                    help="a local Prometheus on 127.0.0.1 for the run (default: on when `prometheus` is on PATH)")
-    p.add_argument("--prometheus-port", type=int, default=None, help="default: a free port")
+    p.add_argument("--prometheus-port", type=int, default=None, help="default: one Prometheus picks")
+    p.add_argument("--grafana-url", default=None, metavar="URL",
+                   help="a Grafana reading the run's Prometheus (e.g. monitoring/docker-compose.yml's "
+                        "http://127.0.0.1:3000): Ray's dashboard embeds its charts")
     return p.parse_args(argv)
 
 
@@ -363,28 +367,28 @@ def prepare_shards(cfg: Config, photos: Path, run_dir: Path) -> Path:
 
 @contextlib.contextmanager
 def prometheus(cfg: Config, args: argparse.Namespace, run_dir: Path):
-    """The launcher's own gauges and, if wanted, a Prometheus scraping every node of this cluster.
-    Metrics never stop a run: whatever fails here logs one line and training goes on."""
-    from monitoring.metrics import LauncherMetrics
-    from monitoring.prometheus import current_session_dir, start_prometheus
+    """If wanted, the run's Prometheus, started before Ray: Ray's dashboard reads where it is (and
+    where --grafana-url's Grafana is) once, as the head starts. Yields its folder for
+    scrape_cluster(), or None. Metrics never stop a run: a Prometheus that fails costs one line."""
+    from monitoring.prometheus import ray_dashboard_env, run_prometheus
 
-    workers = cfg.cluster.workers or cfg.cluster.nodes
-    launcher = LauncherMetrics(run_dir.name, max_workers=workers, min_workers=cfg.cluster.min_workers or None)
     wanted = args.prometheus if args.prometheus is not None else cfg.monitoring.prometheus
     if wanted is None:  # auto: when one is installed
         wanted = bool(shutil.which("prometheus"))
-    server = None
-    if wanted:
-        server = start_prometheus(args.prometheus_port, current_session_dir(), local_folder(run_dir) / "prometheus",
-                                  extra_targets=[launcher.address] if launcher.address else [])
-        if server:
-            print(f"[launch] Prometheus: {server.url} (Grafana: monitoring/README.md)", flush=True)
-    try:
-        yield server
-    finally:
-        if server:
-            server.stop()
-        launcher.stop()
+    folder, url = local_folder(run_dir) / "prometheus", None
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(run_prometheus(folder, args.prometheus_port or 0)) if wanted else None
+        except (OSError, RuntimeError) as exc:
+            print(f"[launch] no Prometheus for this run: {exc}", flush=True)
+        os.environ.update(ray_dashboard_env(url, args.grafana_url))
+        if url:
+            print(f"[launch] Prometheus: {url} (data in {folder})", flush=True)
+        if url and cfg.cluster.address:
+            print(f"[launch] a dashboard started elsewhere shows it if its head had RAY_PROMETHEUS_HOST={url}")
+        if args.grafana_url:
+            print(f"[launch] Grafana: {args.grafana_url.rstrip('/')}/d/progan-training (\"ProGAN training\")")
+        yield folder if url else None
 
 
 def train(cfg: Config, run_dir: Path, shards: Path, local_nodes: bool) -> dict:
@@ -429,6 +433,8 @@ def check_before_start(args: argparse.Namespace) -> tuple[Config, Path, Path, bo
         check_gpus_for_nodes(cfg.cluster.nodes, cfg.cluster.use_gpu)
     if args.prometheus_port is not None:
         check_port_free("--prometheus-port", args.prometheus_port)
+    if args.grafana_url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", args.grafana_url):
+        raise UserError(f"--grafana-url {args.grafana_url}: expected a URL such as http://127.0.0.1:3000")
     make_run_folder(run_dir)
     return cfg, run_dir, data_path, is_shards
 
@@ -444,14 +450,17 @@ def launch(args: argparse.Namespace) -> int:
     # under `ray job submit --working-dir`, `monitoring` imported after ray.init was not found
     # (tests/test_external_cluster.py): import it before Ray connects
     import monitoring.metrics  # noqa: F401
-    import monitoring.prometheus  # noqa: F401
-    with ray_cluster(cfg, args.dashboard_port) as (dashboard_url, local):
+    from monitoring.prometheus import scrape_cluster
+    with (prometheus(cfg, args, run_dir) as prometheus_dir,  # before Ray: see prometheus()
+          ray_cluster(cfg, args.dashboard_port) as (dashboard_url, local)):
+        if prometheus_dir:  # this session's own discovery file (no public Ray API names the session folder)
+            import ray
+            scrape_cluster(prometheus_dir, ray._private.worker._global_node.get_session_dir_path())
         if dashboard_url:
             print(f"[launch] Ray dashboard: {dashboard_url}", flush=True)
         print(f"[launch] Ray ready after {time.time() - started:.1f} s", flush=True)
         shards = data_path if is_shards else prepare_shards(cfg, data_path, run_dir)
-        with prometheus(cfg, args, run_dir):
-            metrics = train(cfg, run_dir, shards, local_nodes=local)
+        metrics = train(cfg, run_dir, shards, local_nodes=local)
     return report(run_dir, metrics)
 
 
