@@ -12,59 +12,11 @@ import json
 import os
 import signal
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from progan.background_run import BackgroundRun
 from progan.config import load_config
-
-
-class BackgroundRun:
-    """A Ray Train run (`trainer.fit()`) in a thread, watched through its run folder's logs."""
-
-    def __init__(self, trainer, run_dir: Path):
-        self.trainer, self.run_dir = trainer, Path(run_dir)
-        self.result, self.error = None, None
-        self.thread = threading.Thread(target=self._fit, daemon=True)
-        self.thread.start()
-
-    def _fit(self):
-        try:
-            self.result = self.trainer.fit()
-        except BaseException as exc:  # re-raised by join()
-            self.error = exc
-
-    def lines(self, name: str) -> list[dict]:
-        path = self.run_dir / name
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def events(self) -> list[dict]:
-        return self.lines("events.jsonl")
-
-    def wait_for(self, predicate, name: str = "events.jsonl", timeout: float = 240) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            for record in self.lines(name):
-                if predicate(record):
-                    return record
-            if not self.thread.is_alive():
-                raise AssertionError(f"the run ended early: {self.error!r}")
-            time.sleep(0.1)
-        raise AssertionError(f"nothing matched in {name} within {timeout} s; events: {self.events()[-5:]}")
-
-    def worker_pids(self) -> list[int]:
-        return [w["pid"] for w in [e for e in self.events() if e["event"] == "workers"][-1]["workers"]]
-
-    def stop(self) -> None:
-        (self.run_dir / "STOP").touch()  # progan.train_loop.STOP_FILE
-
-    def join(self, timeout: float = 400):
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            raise AssertionError("the run did not finish")
-        if self.error:
-            raise self.error
-        return self.result
 
 
 def main() -> None:
