@@ -1,11 +1,11 @@
 """Face shards -> training batches, read with webdataset inside each training worker.
 
 Why webdataset's own reader and not Ray Train's dataset ingest (`TorchTrainer(datasets=...)`,
-which this project used first): on the 2-core test machine, `launch.py --nodes 4` spent about
-30 CPU-seconds and 30 s of wall time in Ray Data's SplitCoordinator, stats actor, read tasks and
-block-splitting tasks (each a new Python process) before the first batch arrived, and a 16x16
-step then waited on data for 20% of its time. Read in the worker, the first batch is there at
-once and the wait is the time to decode a few PNGs. For large images, `loader_workers` decodes in
+which this project used first): with `launch.py --nodes 4` on a small CPU, Ray Data's
+SplitCoordinator, stats actor, read tasks and block-splitting tasks (each a new Python process)
+took longer before the first batch arrived than the first training steps, and small steps then
+waited on data for a large share of their time (README, Benchmarks). Read in the worker, the
+first batch is there at once and the wait is the time to decode a few PNGs. For large images, `loader_workers` decodes in
 DataLoader processes beside the training step.
 
 How the ranks share the data, without talking to each other: the manifest gives every shard's

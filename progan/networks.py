@@ -166,7 +166,9 @@ class Discriminator(nn.Module):
 
 def set_trainable(model: nn.Module, resolution: int, fading: bool) -> None:
     """Only the parameters this phase uses require gradients, so DDP (find_unused_parameters=False)
-    and Adam see exactly the parameters that get gradients (ddp-growing-gan-facts.md)."""
+    and Adam see exactly the parameters that get gradients (DDP skips parameters that need none;
+    with all of them requiring grad, the first 4x4 step fails on "parameters that were not used
+    in producing loss")."""
     model.requires_grad_(False)
     for module in model.modules_in_use(resolution, fading):
         module.requires_grad_(True)

@@ -18,7 +18,7 @@ def wrap_for_phase(G, D, resolution: int, fading: bool, device: torch.device) ->
     """Freezes the layers this phase does not use and wraps both networks in a new DDP:
     fade-in and stable phases use different parameter sets, and DDP with
     find_unused_parameters=False (and never static_graph, which lets ranks drift under the
-    gradient penalty) needs exactly the used ones to require grad (ddp-growing-gan-facts.md)."""
+    gradient penalty) needs exactly the used ones to require grad (networks.set_trainable)."""
     set_trainable(G, resolution, fading)
     set_trainable(D, resolution, fading)
     device_ids = [device.index] if device.type == "cuda" else None
