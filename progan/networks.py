@@ -112,12 +112,7 @@ class Generator(nn.Module):
             self.to_rgb[str(res)] = EqualizedConv2d(nf(res), num_channels, 1, gain=1.0)
 
     def modules_in_use(self, resolution: int, fading: bool) -> list[nn.Module]:
-        """The submodules a forward at this resolution touches (for freezing the rest under DDP)."""
-        used: list[nn.Module] = [self.blocks[str(r)] for r in resolutions_up_to(resolution)]
-        used.append(self.to_rgb[str(resolution)])
-        if fading and resolution > 4:
-            used.append(self.to_rgb[str(resolution // 2)])
-        return used
+        return _modules_in_use(self.blocks, self.to_rgb, resolution, fading)
 
     def forward(self, z: torch.Tensor, resolution: int, alpha: float = 1.0) -> torch.Tensor:
         _check_resolution(resolution, self.max_resolution)
@@ -147,11 +142,7 @@ class Discriminator(nn.Module):
                                      if res == 4 else _ShrinkBlock(nf(res), nf(res // 2)))
 
     def modules_in_use(self, resolution: int, fading: bool) -> list[nn.Module]:
-        used: list[nn.Module] = [self.blocks[str(r)] for r in resolutions_up_to(resolution)]
-        used.append(self.from_rgb[str(resolution)])
-        if fading and resolution > 4:
-            used.append(self.from_rgb[str(resolution // 2)])
-        return used
+        return _modules_in_use(self.blocks, self.from_rgb, resolution, fading)
 
     def forward(self, img: torch.Tensor, resolution: int, alpha: float = 1.0) -> torch.Tensor:
         _check_resolution(resolution, self.max_resolution)
@@ -162,6 +153,16 @@ class Discriminator(nn.Module):
                 old = self.from_rgb[str(resolution // 2)](downsample2x(img))
                 x = torch.lerp(old, x, alpha)
         return x
+
+
+def _modules_in_use(blocks: nn.ModuleDict, rgb: nn.ModuleDict, resolution: int, fading: bool) -> list[nn.Module]:
+    """The submodules a forward at this resolution touches (for freezing the rest under DDP): the
+    blocks up to it, its RGB layer and, during a fade-in, the RGB layer of the one below."""
+    used: list[nn.Module] = [blocks[str(r)] for r in resolutions_up_to(resolution)]
+    used.append(rgb[str(resolution)])
+    if fading and resolution > 4:
+        used.append(rgb[str(resolution // 2)])
+    return used
 
 
 def set_trainable(model: nn.Module, resolution: int, fading: bool) -> None:
