@@ -88,9 +88,9 @@ def _wait_until_ready(process: subprocess.Popen, log_path: Path, start: int, tim
         with open(log_path, "rb") as f:
             f.seek(start)
             found = LISTENING.search(f.read().decode(errors="replace"))
-        with contextlib.suppress(OSError):
-            if found and urllib.request.urlopen(f"http://{found[1]}/-/ready", timeout=2).status == 200:
-                return f"http://{found[1]}"
+        if found:
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"http://{found[1]}/-/ready", timeout=2):
+                return f"http://{found[1]}"  # answered 200: a 503 (not ready yet) raises HTTPError
         time.sleep(0.2)
     lines = log_path.read_text(errors="replace").strip().splitlines() or ["no output"]
     state = f"exit status {process.returncode}" if process.poll() is not None else f"not ready after {timeout_s:.0f} s"
