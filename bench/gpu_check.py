@@ -1,0 +1,373 @@
+"""The one-shot GPU check: one JSON line per check, the whole script within a time budget.
+
+    python -m bench.gpu_check [--quick] [--budget 570] [--photos data/demo_faces] [--workdir DIR]
+
+Made to run in one go on a machine with one NVIDIA GPU (default budget 570 s, under ten minutes);
+`--quick` runs the same checks at tiny sizes on a CPU machine (most of its time goes to starting
+Ray six times), so the script is known to work before a GPU ever runs it. Everything goes through the project's public
+entry points, so it follows the training loop's internals as they change:
+- environment: torch, CUDA, NCCL and Ray versions, the GPU's name, bf16 support;
+- shards: `python -m data_pipeline` on the photos (face shards at the largest resolution);
+- train: `launch.py --nodes 1` (Ray Train, one GPU worker, NCCL for CUDA tensors) from a config
+  written to the work folder, the schedule starting at the measured resolution
+  (schedule.start_resolution = model.max_resolution, so no time goes to smaller phases), at the
+  paper's widths (fmap_base 8192, fmap_max 512, latent 512) at 64x64 and 128x128, fp32 and bf16
+  (`model.precision=...` on the command line); images/s is the median of stats.jsonl's
+  img_per_s after the first stats line (warm-up: cuDNN's autotuning, the first allocations);
+- resume: `launch.py --resume` of the first run with half its steps added to total_kimg
+  (--override-config): it must go on from the saved kimg with the next step;
+- evaluate: `python -m progan.evaluate --json` (SWD) of the last 128x128 run's checkpoint,
+  images/s = the real and generated images scored / seconds;
+- mtcnn: the pipeline's face detector (data_pipeline.faces.build_detector, bench/mtcnn.py's
+  photo loading) on the CPU and on the GPU, faces/s over the photos it gets through in its time.
+
+Each check has a time limit (its own, cut to what is left of the budget); one that fails or runs
+out of time prints its line with an "error" field, and the script goes on. The subprocesses'
+output goes to log files in the work folder (kept with --workdir, else a temporary folder that is
+deleted at the end).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from cluster.local import free_port
+
+PROJECT = Path(__file__).resolve().parents[1]
+PAPER_WIDTHS = {"latent_size": 512, "fmap_base": 8192, "fmap_max": 512}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    resolutions: tuple[int, int]
+    steps: int                 # training steps per run (the resume adds half as many again)
+    batch: int                 # global minibatch
+    widths: dict
+    log_every: int             # steps per stats line
+    loader_workers: int
+    photos: int                # photos for the shards and for MTCNN
+    eval_images: int           # SWD images per set
+    train_limit_s: float       # per training run, Ray's start included
+
+
+GPU_SIZES = Sizes(resolutions=(64, 128), steps=300, batch=32, widths=PAPER_WIDTHS, log_every=20,
+                  loader_workers=4, photos=100, eval_images=4096, train_limit_s=150)
+QUICK_SIZES = Sizes(resolutions=(8, 16), steps=12, batch=8, widths={"latent_size": 32, "fmap_base": 256, "fmap_max": 32},
+                    log_every=3, loader_workers=0, photos=16, eval_images=64, train_limit_s=240)
+
+
+class Budget:
+    """The script's deadline; each check gets its own limit, cut to what is left."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def limit(self, wanted: float) -> float:
+        return max(0.0, min(wanted, self.deadline - time.monotonic()))
+
+
+@dataclasses.dataclass
+class Context:
+    sizes: Sizes
+    budget: Budget
+    work: Path
+    photos: Path
+    gpu: bool
+    shards: Path | None = None
+    runs: dict = dataclasses.field(default_factory=dict)  # (resolution, precision) -> run folder
+
+
+class CheckFailed(Exception):
+    """A check that could not produce its figures; `partial` holds what it did measure."""
+
+    def __init__(self, message: str, partial: dict | None = None):
+        super().__init__(message)
+        self.partial = partial or {}
+
+
+# ---------------------------------------------------------------- subprocesses with a time limit
+
+def run_logged(args: list[str], log: Path, limit_s: float) -> float:
+    """Runs a command from the project folder, its output to `log`; returns its seconds. Past
+    `limit_s` it gets SIGINT (launch.py and the pipeline then shut their Ray nodes down), then
+    after 30 s its whole process group is killed. Raises CheckFailed on a timeout or an error."""
+    if limit_s < 5:
+        raise CheckFailed("skipped: the time budget is spent")
+    started = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=PROJECT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            status = proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            stop_group(proc)
+            raise CheckFailed(f"timed out after {limit_s:.0f} s (log: {log})")
+    if status != 0:
+        raise CheckFailed(f"exit status {status}: {last_line(log)} (log: {log})")
+    return time.monotonic() - started
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the nodes it started, if still there
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error") or "Error" in line]
+    return (errors or lines or [""])[-1][:300]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+# ---------------------------------------------------------------- the checks
+
+def check_environment(ctx: Context) -> dict:
+    import ray
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "cuda": torch.version.cuda, "cpus": os.cpu_count(), "gpus": torch.cuda.device_count()}
+    if ctx.gpu:
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    compute_capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported(),
+                    nccl=".".join(map(str, torch.cuda.nccl.version())), cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def check_shards(ctx: Context) -> dict:
+    """Face shards at the larger resolution from the first `photos` photos, by the pipeline's CLI."""
+    photos = ctx.work / "photos"
+    photos.mkdir(exist_ok=True)
+    for path in sorted(p for p in ctx.photos.iterdir() if p.is_file())[:ctx.sizes.photos]:
+        shutil.copy(path, photos)
+    out, resolution = ctx.work / "shards", max(ctx.sizes.resolutions)
+    seconds = run_logged([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", str(out),
+                          "--resolution", str(resolution), "--nodes", "1", "--quiet"],
+                         ctx.work / "shards.log", ctx.budget.limit(180))
+    ctx.shards = out
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    return {"resolution": resolution, "photos": counts["files_seen"], "faces": counts["faces_kept"],
+            "seconds": round(seconds, 1)}
+
+
+def write_config(ctx: Context, resolution: int) -> Path:
+    """The run's config: the schedule starts (and stays) at `resolution`, for `steps` steps."""
+    s = ctx.sizes
+    kimg = s.steps * s.batch / 1000
+    config = {
+        "model": {"max_resolution": resolution, **s.widths},
+        "schedule": {"start_resolution": resolution, "total_kimg": kimg,
+                     "minibatch": {resolution: s.batch}, "minibatch_default": s.batch},
+        "data": {"loader_workers": s.loader_workers},
+        "checkpoint": {"every_kimg": kimg / 2, "num_to_keep": 2, "sample_grid": 4,
+                       "run_root": str(ctx.work / "runs")},
+        "monitoring": {"log_every_steps": s.log_every, "swd_images": 0, "prometheus": False},
+    }
+    path = ctx.work / f"config{resolution}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def launch_args(ctx: Context, *extra: str) -> list[str]:
+    return [sys.executable, str(PROJECT / "launch.py"), "--nodes", "1", "--no-prometheus",
+            "--dashboard-port", str(free_port()), *extra]
+
+
+def throughput(stats: list[dict]) -> dict:
+    """Images/s after the first stats line (warm-up), and what the run logged."""
+    steady = stats[1:] or stats
+    if not steady:
+        return {}
+    return {"img_per_s": round(statistics.median(s["img_per_s"] for s in steady), 1),
+            "data_wait_share": round(statistics.median(s["data_wait_share"] for s in steady), 3),
+            "steps": stats[-1]["step"], "kimg": round(stats[-1]["kimg"], 3), "global_batch": stats[-1]["global_batch"],
+            "loss_d_last": round(stats[-1]["loss_d"], 4), "grad_penalty_last": round(stats[-1]["grad_penalty"], 4),
+            "finite": not any(s.get("nonfinite") for s in stats)}
+
+
+def trained_on_gpu(run: Path) -> bool | None:
+    """Whether the run's newest checkpoint holds CUDA RNG states, which only a GPU worker saves."""
+    import torch
+
+    found = sorted(run.glob("checkpoint_*/checkpoint.pt"))
+    if not found:
+        return None
+    state = torch.load(found[-1], map_location="cpu", weights_only=True)
+    return any(s is not None for s in state["cuda_rng_states"])
+
+
+def check_train(ctx: Context, resolution: int, precision: str) -> dict:
+    if ctx.shards is None:
+        raise CheckFailed("no shards (the shards check failed)")
+    name = f"train{resolution}-{precision}"
+    run = ctx.work / "runs" / name
+    args = launch_args(ctx, "--config", str(write_config(ctx, resolution)), "--data", str(ctx.shards),
+                       "--run-name", name, f"model.precision={precision}")
+    try:
+        seconds = run_logged(args, ctx.work / f"{name}.log", ctx.budget.limit(ctx.sizes.train_limit_s))
+    except CheckFailed as exc:
+        raise CheckFailed(str(exc), throughput(read_jsonl(run / "stats.jsonl")))
+    ctx.runs[resolution, precision] = run
+    result = {**throughput(read_jsonl(run / "stats.jsonl")), "on_gpu": trained_on_gpu(run), "seconds": round(seconds, 1)}
+    fp32 = ctx.runs.get((resolution, "fp32"))
+    if precision != "fp32" and fp32 is not None:
+        base = throughput(read_jsonl(fp32 / "stats.jsonl")).get("img_per_s")
+        result["speedup_over_fp32"] = round(result["img_per_s"] / base, 2) if base else None
+    return result
+
+
+def check_resume(ctx: Context) -> dict:
+    """The first run, resumed with half its steps more: from its saved kimg, with the next step
+    (the first stats line after it is `log_every` steps on from the last one before)."""
+    resolution = min(ctx.sizes.resolutions)
+    run = ctx.runs.get((resolution, "fp32"))
+    if run is None:
+        raise CheckFailed(f"no finished {resolution}x{resolution} fp32 run to resume")
+    before = read_jsonl(run / "stats.jsonl")
+    total = 1.5 * ctx.sizes.steps * ctx.sizes.batch / 1000
+    seconds = run_logged(launch_args(ctx, "--resume", str(run), "--override-config", f"schedule.total_kimg={total}"),
+                         ctx.work / "resume.log", ctx.budget.limit(ctx.sizes.train_limit_s))
+    resumes = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "resume"]
+    after = read_jsonl(run / "stats.jsonl")[len(before):]
+    result = {"resumed_at_kimg": resumes[-1]["kimg"] if resumes else None, "saved_kimg": before[-1]["kimg"],
+              "first_step_after": after[0]["step"] if after else None, "last_step_before": before[-1]["step"],
+              **throughput(after), "seconds": round(seconds, 1)}
+    if result["resumed_at_kimg"] != result["saved_kimg"] \
+            or result["first_step_after"] != result["last_step_before"] + ctx.sizes.log_every:
+        raise CheckFailed("did not continue from the saved kimg", result)
+    return result
+
+
+def check_evaluate(ctx: Context) -> dict:
+    resolution = max(ctx.sizes.resolutions)
+    run = ctx.runs.get((resolution, "fp32")) or ctx.runs.get((resolution, "bf16"))
+    if run is None or ctx.shards is None:
+        raise CheckFailed(f"no {resolution}x{resolution} run to evaluate")
+    log = ctx.work / "evaluate.log"
+    n = ctx.sizes.eval_images
+    run_logged([sys.executable, "-m", "progan.evaluate", "--checkpoint", str(run), "--data", str(ctx.shards),
+                "--num-images", str(n), "--json"], log, ctx.budget.limit(120))
+    result = json.loads([line for line in log.read_text().splitlines() if line.startswith("{")][-1])
+    return {"metric": "swd", "resolution": result["resolution"], "device": result["device"], "num_images": n,
+            "swd_avg_x1e3": result.get("avg"), "seconds": result["seconds"],
+            "img_per_s": round(2 * n / result["seconds"], 1) if result["seconds"] else None}
+
+
+def detect_for(mtcnn, photos: list, limit_s: float, min_prob: float) -> dict:
+    """Faces/s of the pipeline's detector over the photos it gets through within `limit_s`,
+    after one warm-up unit (CUDA's start, cuDNN's and oneDNN's kernel choice)."""
+    from bench.mtcnn import chosen_boxes
+    from data_pipeline.faces import DETECT_BATCH, detect_in_size_groups
+
+    detect_in_size_groups(mtcnn, photos[:DETECT_BATCH])
+    started, done, faces = time.monotonic(), 0, 0
+    for start in range(0, len(photos), DETECT_BATCH):
+        if time.monotonic() - started > limit_s:
+            break
+        unit = photos[start:start + DETECT_BATCH]
+        faces += sum(box is not None for box in chosen_boxes(detect_in_size_groups(mtcnn, unit), min_prob))
+        done += len(unit)
+    seconds = time.monotonic() - started
+    return {"photos": done, "faces": faces, "faces_per_s": round(faces / seconds, 2)}
+
+
+def check_mtcnn(ctx: Context) -> dict:
+    import torch
+
+    from bench.mtcnn import load_photos
+    from data_pipeline.faces import FaceSettings, build_detector
+
+    settings = FaceSettings()
+    photos = load_photos(str(ctx.photos), ctx.sizes.photos, settings.max_side)
+    limit = ctx.budget.limit(90) / 3
+    if limit < 5:
+        raise CheckFailed("skipped: the time budget is spent")
+    result = {"threads": torch.get_num_threads()}
+    for device in ("cpu", "cuda") if ctx.gpu else ("cpu",):
+        result[device] = detect_for(build_detector(settings, device), photos, limit, settings.min_prob)
+    if ctx.gpu:
+        result["gpu_speedup"] = round(result["cuda"]["faces_per_s"] / max(result["cpu"]["faces_per_s"], 1e-9), 2)
+    return result
+
+
+# ---------------------------------------------------------------- the script
+
+def checks(ctx: Context) -> list[tuple[str, dict, object]]:
+    """(name, fields that name the case, the check), in order: later checks use earlier results."""
+    listed = [("environment", {}, check_environment), ("shards", {}, check_shards)]
+    for resolution in ctx.sizes.resolutions:
+        for precision in ("fp32", "bf16"):
+            listed.append(("train", {"resolution": resolution, "precision": precision},
+                           lambda c, r=resolution, p=precision: check_train(c, r, p)))
+    listed += [("resume", {}, check_resume), ("evaluate", {}, check_evaluate), ("mtcnn", {}, check_mtcnn)]
+    return listed
+
+
+def run_check(ctx: Context, name: str, case: dict, check) -> dict:
+    started = time.monotonic()
+    line = {"check": name, **case}
+    try:
+        line.update(check(ctx))
+    except CheckFailed as exc:
+        line.update(exc.partial, error=str(exc))
+    except Exception as exc:  # a check's bug or a CUDA error: reported, and the script goes on
+        line["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400]
+    line["check_seconds"] = round(time.monotonic() - started, 1)
+    print(json.dumps(line), flush=True)
+    return line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, on the CPU when there is no GPU")
+    p.add_argument("--budget", type=float, default=570.0, help="seconds for the whole script")
+    p.add_argument("--photos", default=str(PROJECT / "data" / "demo_faces"), help="a folder of face photos")
+    p.add_argument("--workdir", default=None, help="keep shards, runs and logs here (default: a temporary folder)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if not gpu and not args.quick:
+        print(json.dumps({"check": "environment", "error": "no CUDA GPU here: on a CPU machine pass --quick"}))
+        return 2
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-check-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = Context(QUICK_SIZES if args.quick else GPU_SIZES, Budget(args.budget), work, Path(args.photos).resolve(), gpu)
+    try:
+        lines = [run_check(ctx, name, case, check) for name, case, check in checks(ctx)]
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 1 if any("error" in line for line in lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
