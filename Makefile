@@ -23,9 +23,24 @@ test: $(STAMP)
 run: $(STAMP)
 	$(PY) launch.py --nodes 4 $(ARGS)
 
+# The benchmarks a user cares about, on this machine, a few minutes on 2 idle cores: the training
+# step (paper networks at 8x8, the demo's at 32x32), the loader, face detection on the demo photos,
+# the metrics' cost. JSON lines go to runs/bench.jsonl, a table at the end. The Ray-cluster ones
+# (launch time, recovery, 1 vs 2 workers) take many minutes: see the README's Benchmarks.
+BENCH_OUT := runs/bench.jsonl
+BENCH_SHARDS := runs/.shards/bench-demo32
+DEMO_NETS := --max-resolution 32 --latent-size 128 --fmap-base 512 --fmap-max 128
 bench: $(STAMP)
-	$(PY) -m bench.train_step --resolution 8 --batch 32 --json
-	$(PY) -m bench.train_step --resolution 32 --batch 8 --json
+	@mkdir -p runs && rm -f $(BENCH_OUT)
+	$(PY) -m bench.train_step --resolution 8 --batch 32 --steps 3 --warmup 1 --json >> $(BENCH_OUT)
+	$(PY) -m bench.train_step --resolution 32 --batch 32 --steps 3 --warmup 1 $(DEMO_NETS) --json >> $(BENCH_OUT)
+	@test -f $(BENCH_SHARDS)/manifest.json || $(PY) -m data_pipeline --input data/demo_faces \
+		--output $(BENCH_SHARDS) --resolution 32 --quiet
+	$(PY) -m bench.loader --shards $(BENCH_SHARDS) --resolution 32 --batch 32 --seconds 10 --steps 1 \
+		$(DEMO_NETS) --json >> $(BENCH_OUT)
+	$(PY) -m bench.mtcnn --input data/demo_faces --rounds 2 --json >> $(BENCH_OUT)
+	$(PY) -m bench.metrics_overhead --resolution 32 --batch 32 --steps 3 $(DEMO_NETS) >> $(BENCH_OUT)
+	@$(PY) -m bench.table $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,31 +1,37 @@
 """Does the loader keep a training worker fed? One JSON line.
 
     python -m bench.loader --shards DIR --resolution 64 --batch 16 --json [--seconds 20] [--steps 2]
+                           [--loader-workers N] [--max-resolution R --latent-size L --fmap-base B --fmap-max M]
 
 loader_images_per_s: images per second that data_pipeline.loader delivers to one training worker
 (rank 0 of 1): FaceStream(DIR) -> BatchReader.next_batch (webdataset read, shuffle buffer,
 PNG/JPEG decode, average-pool to --resolution, mirroring), as the training loop draws them, for
 --seconds, pass after pass; --loader-workers decodes in that many DataLoader processes. The first
-batch (the shuffle buffer's first fill) is not counted.
+batch (the shuffle buffer's first fill) is not counted. `loader_ms_per_batch`: the same rate as
+the time one batch of --batch takes, to set beside a training step's time.
 
-train_step_images_per_s: images per second one training step consumes at that resolution and
-batch: progan.training_step.train_step (WGAN-GP, Adam) on the paper's networks (Generator() and
-Discriminator() at their defaults, the layers above --resolution frozen as in training), median
-of --steps timed steps after one warm-up, with torch using every core. Measured after the loader, so
-the two do not compete.
+train_step_images_per_s, train_step_ms: one training step at that resolution and batch, as
+bench/common.StepSetup builds it (progan.training_step.train_step, WGAN-GP, Adam; the paper's
+networks unless the width flags say otherwise, the layers above --resolution frozen as in
+training), median of --steps timed steps after one warm-up, with torch using every core, on this
+machine's CPU. Measured after the loader, so the two do not compete.
 
-ratio = loader / train step: how many such workers one loader stream could feed.
+ratio = loader / train step: how many such workers one loader stream could feed. The loader
+runs in the training process (or its DataLoader workers) on the CPU whatever device trains, so
+`gpu_steps_fed` sets loader_ms_per_batch beside GPU_STEP_MS_REFERENCE (bench/common.py, the
+order of a GPU step, `gpu_step_ms_reference`; a reference, not measured here): below 1, one
+loader stream at this batch would keep such a GPU waiting.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 
 import torch
 
+from bench.common import GPU_STEP_MS_REFERENCE, StepSetup, add_width_args, emit, widths
 from data_pipeline.loader import BatchReader, FaceStream, count_images
 from data_pipeline.manifest import stored_resolution
 
@@ -40,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to pull batches")
     parser.add_argument("--steps", type=int, default=2, help="timed training steps (after one warm-up)")
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes (data.loader_workers)")
+    add_width_args(parser)
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     return parser.parse_args(argv)
 
@@ -55,52 +62,42 @@ def loader_rate(shards: str, resolution: int, batch: int, seconds: float, worker
     return images / (time.perf_counter() - started), images, images / count_images(shards)
 
 
-def train_step_rate(resolution: int, batch: int, steps: int) -> tuple[float, float]:
-    """images per second, median step seconds."""
-    from progan.losses import WGANGP
-    from progan.networks import Discriminator, Generator, set_trainable
-    from progan.training_step import make_optimizer, train_step
-
-    generator, critic = Generator(), Discriminator()
-    set_trainable(generator, resolution, False)
-    set_trainable(critic, resolution, False)
-    opt_g, opt_d = (make_optimizer(net, 0.001, 0.0, 0.99, 1e-8) for net in (generator, critic))
-    loss, reals = WGANGP(), torch.rand(batch, 3, resolution, resolution) * 2 - 1
-
+def train_step_seconds(setup: StepSetup, steps: int) -> float:
+    """Median seconds of `steps` timed steps after one warm-up."""
     def step() -> float:
         started = time.perf_counter()
-        train_step(generator, critic, critic, opt_g, opt_d, loss, reals, resolution, 1.0, generator.latent_size)
+        setup.step()
         return time.perf_counter() - started
 
     step()
-    step_s = statistics.median(step() for _ in range(steps))
-    return batch / step_s, step_s
+    return statistics.median(step() for _ in range(steps))
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     loader_per_s, images, passes = loader_rate(args.shards, args.resolution, args.batch, args.seconds,
                                                args.loader_workers)
-    step_per_s, step_s = train_step_rate(args.resolution, args.batch, args.steps)
+    step_s = train_step_seconds(StepSetup(args.resolution, args.batch, widths=widths(args)), args.steps)
     result = {
         "bench": "loader",
         "stored_resolution": stored_resolution(args.shards),
         "resolution": args.resolution,
         "batch": args.batch,
+        **widths(args),
         "loader_images_per_s": round(loader_per_s, 1),
+        "loader_ms_per_batch": round(args.batch / loader_per_s * 1e3, 2),
         "loader_images": images,
         "loader_passes": round(passes, 1),
         "loader_workers": args.loader_workers,
-        "train_step_images_per_s": round(step_per_s, 2),
-        "train_step_s": round(step_s, 3),
+        "train_step_images_per_s": round(args.batch / step_s, 2),
+        "train_step_ms": round(step_s * 1e3, 1),
         "torch_threads": torch.get_num_threads(),
-        "ratio": round(loader_per_s / step_per_s, 1),
+        "ratio": round(loader_per_s * step_s / args.batch, 1),
+        "gpu_step_ms_reference": GPU_STEP_MS_REFERENCE,
+        "gpu_steps_fed": round(GPU_STEP_MS_REFERENCE / (args.batch / loader_per_s * 1e3), 2),
         "loadavg_1min": round(os.getloadavg()[0], 2),
     }
-    if not args.json:
-        print(f"loader {result['loader_images_per_s']} img/s vs training step {result['train_step_images_per_s']} "
-              f"img/s: {result['ratio']}x")
-    print(json.dumps(result))
+    emit(result, args.json)
     return result
 
 

@@ -1,117 +1,107 @@
-"""What publishing metrics costs, as a share of a training step. Prints one JSON line.
+"""What publishing metrics costs per training step, in microseconds and as a share of a step.
+Prints one JSON line.
 
-    python -m bench.metrics_overhead [--resolution 8] [--batch 32] [--steps 10] [--updates 2000]
+    python -m bench.metrics_overhead [--resolution 8] [--batch 32] [--steps 5] [--updates 2000]
+                                     [--max-resolution R --latent-size L --fmap-base B --fmap-max M]
 
 Inside one Ray worker process (a task on a single-node local Ray, so `ray.util.metrics` records
 through the real core-worker path, exported by a real metrics agent), it times:
 
-- `step_s`: median wall time of `progan.training_step.train_step` at --resolution/--batch with the
-  paper's networks (as bench/train_step.py builds them), on the CPU with this task's one thread
-  budget (torch threads = the cores this process may use);
-- `metrics_s`: median cost of one step's worth of metric updates, the worst case a training loop
-  makes every step: `observe_step` with backward and all-reduce times, plus `observe_stats` with
-  all ten stats and the phase (a loop logs stats only every few steps), plus one gauge refresh
-  (the refresh thread runs every 5 s, not every step). Timed over --updates repetitions in blocks
-  between the training steps, so load from other jobs hits both alike;
-- `overhead` = metrics_s / step_s (the spec asks for < 1%); `observe_step_s`, `observe_stats_s`
-  and `refresh_s` are the parts (a loop that logs stats every N steps pays observe_stats / N).
+- `step_s`: median wall time of one training step at --resolution/--batch as
+  bench/common.StepSetup builds it (the paper's networks unless the width flags say otherwise),
+  on this machine's CPU with every core this task may use;
+- `observe_step_us` and `observe_stats_us`: the median cost of one call of
+  monitoring.metrics.TrainingMetrics.observe_step (images, step, data-wait and backward seconds)
+  and of observe_stats with every stat it knows and the phase, each timed over --updates calls in
+  blocks between the training steps, so load from other jobs hits both alike;
+- `metrics_us`: both together, the worst case a loop pays per step (it calls observe_stats only
+  every monitoring.log_every_steps steps);
+- `overhead` = metrics_us / step_s, against the CPU step measured here, and
+  `overhead_of_gpu_step` = metrics_us against GPU_STEP_MS_REFERENCE (bench/common.py): the order
+  of a 128x128 step on a GPU, a reference and not measured here (`gpu_step_ms_reference`).
 
-Not timed here: `AllReduceTimer`'s DDP hook, which adds two perf_counter calls, a list append and a
-Python callback per gradient bucket to the default all-reduce.
+Both metric calls swallow their own errors (training must not stop for a metric); the bench
+stops if one did, since it would otherwise time a failure path.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from bench.common import GPU_STEP_MS_REFERENCE, add_width_args, cores, emit, widths
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _measure(resolution: int, batch: int, steps: int, updates: int, repo: str) -> dict:
+def _time_calls(fn, calls: int) -> float:
+    """Seconds per call of fn over `calls` calls."""
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - started) / calls
+
+
+def _measure(resolution: int, batch: int, steps: int, updates: int, nets: dict, repo: str) -> dict:
     sys.path.insert(0, repo)
     import torch
 
-    from monitoring.metrics import TrainingMetrics
-    from progan.losses import WGANGP
-    from progan.networks import Discriminator, Generator, set_trainable
-    from progan.training_step import make_optimizer, train_step
+    from bench.common import StepSetup
+    from monitoring.metrics import STAT_GAUGES, TrainingMetrics
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    G, D = Generator(), Discriminator()
-    set_trainable(G, resolution, False)
-    set_trainable(D, resolution, False)
-    opt_g = make_optimizer(G, 0.001, 0.0, 0.99, 1e-8)
-    opt_d = make_optimizer(D, 0.001, 0.0, 0.99, 1e-8)
-    loss = WGANGP()
-    reals = torch.randn(batch, 3, resolution, resolution)
-
-    def step(g=G, d=D):
-        train_step(g, d, D, opt_g, opt_d, loss, reals, resolution, 1.0, G.latent_size)
-
-    metrics = TrainingMetrics("bench", 0, "")
-    stats = {"resolution": resolution, "phase": "stabilise", "alpha": 1.0, "world_size": 1, "lr": 1e-3,
-             "loss_d": -0.3, "loss_g": 0.8, "grad_penalty": 0.05, "score_real": 1.2, "score_fake": -0.4,
-             "img_per_s": 250.0}
-
-    parts = {
-        "observe_step": lambda: metrics.observe_step(batch, 0.1, 0.002, backward_seconds=0.05, allreduce_seconds=0.01),
-        "observe_stats": lambda: metrics.observe_stats(stats),
-        "refresh": metrics._refresh,
-    }
-    for _ in range(2):
-        step()
-        for fn in parts.values():
-            fn()
-    step_times, part_times = [], {name: [] for name in parts}
+    torch.set_num_threads(cores())
+    setup = StepSetup(resolution, batch, widths=nets)
+    metrics = TrainingMetrics(run="bench", rank=0, node="")
+    stats = {**dict.fromkeys(STAT_GAUGES, 1.0), "resolution": resolution, "phase": "stabilise"}
+    parts = {"observe_step": lambda: metrics.observe_step(batch, 0.1, 0.002, backward_seconds=0.05),
+             "observe_stats": lambda: metrics.observe_stats(stats)}
+    setup.step()
+    for fn in parts.values():
+        fn()
+    if getattr(metrics, "_failed", None):
+        raise RuntimeError(f"TrainingMetrics failed in {sorted(metrics._failed)}; see the warning above")
     block = max(updates // steps, 1)
+    step_times, part_times = [], {name: [] for name in parts}
     for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        step_times.append(time.perf_counter() - t0)
+        step_times.append(_time_calls(setup.step, 1))
         for name, fn in parts.items():
-            t0 = time.perf_counter()
-            for _ in range(block):
-                fn()
-            part_times[name].append((time.perf_counter() - t0) / block)
-    out = {"resolution": resolution, "batch": batch, "threads": threads, "steps": steps,
-           "updates": block * steps, "step_s": statistics.median(step_times),
-           "step_s_spread": [min(step_times), max(step_times)],
-           **{f"{name}_s": statistics.median(times) for name, times in part_times.items()}}
-    out["metrics_s"] = sum(out[f"{name}_s"] for name in parts)
-    out["overhead"] = out["metrics_s"] / out["step_s"]
-
-    metrics.close()
-    return out
+            part_times[name].append(_time_calls(fn, block))
+    return {"threads": torch.get_num_threads(), "updates": block * steps,
+            "step_s": round(statistics.median(step_times), 4),
+            "step_s_spread": [round(min(step_times), 4), round(max(step_times), 4)],
+            **{f"{name}_us": round(statistics.median(times) * 1e6, 1) for name, times in part_times.items()}}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--resolution", type=int, default=8)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--updates", type=int, default=2000)
+    add_width_args(p)
+    p.add_argument("--json", action="store_true", help="print only the JSON line (the default)")
     args = p.parse_args(argv)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=cores(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        task = ray.remote(num_cpus=cpus)(_measure)
-        out = ray.get(task.remote(args.resolution, args.batch, args.steps, args.updates, str(REPO)))
+        task = ray.remote(num_cpus=cores())(_measure)
+        measured = ray.get(task.remote(args.resolution, args.batch, args.steps, args.updates, widths(args), str(REPO)))
     finally:
         ray.shutdown()
-    out["inside_ray_worker"] = True
-    print(json.dumps(out))
-    return 0
+    metrics_us = round(measured["observe_step_us"] + measured["observe_stats_us"], 1)
+    result = {"bench": "metrics_overhead", "resolution": args.resolution, "batch": args.batch, **widths(args),
+              "steps": args.steps, **measured, "metrics_us": metrics_us,
+              "overhead": round(metrics_us / 1e6 / measured["step_s"], 6),
+              "gpu_step_ms_reference": GPU_STEP_MS_REFERENCE,
+              "overhead_of_gpu_step": round(metrics_us / 1e3 / GPU_STEP_MS_REFERENCE, 5),
+              "inside_ray_worker": True, "loadavg_1min": round(os.getloadavg()[0], 2)}
+    emit(result)
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

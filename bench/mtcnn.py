@@ -1,24 +1,28 @@
-"""Face detection speed: the pipeline's batched stage against a plain MTCNN loop. One JSON line.
+"""Face detection speed: what each of the pipeline's changes to a plain MTCNN loop gives. One JSON line.
 
     python -m bench.mtcnn --input DIR --json [--limit N] [--rounds 3] [--threads 1]
 
-Both sides see the same photos, decoded as the pipeline decodes them (EXIF, RGB, longer side
+Every variant sees the same photos, decoded as the pipeline decodes them (EXIF, RGB, longer side
 <= 1024), in this one process, with the same torch thread count (default 1: the pipeline runs
-one single-threaded detector actor per CPU).
-- plain: facenet-pytorch's MTCNN(keep_all=True) at its defaults, detect() one photo at a time.
-- pipeline: data_pipeline.faces.build_detector + detect_in_size_groups, exactly what the
-  FaceDetector actor runs: photos in work units of DETECT_BATCH, one batched detect() per group
-  of equal-size photos, channels-last networks, pyramid factor 0.6 (see FaceSettings).
-Both are warmed up first (oneDNN builds its kernels per input shape), then timed alternately,
-one work unit of photos at a time, so that load from other jobs hits both alike; a round covers
-all photos and each side's median round counts. images_per_s = photos / seconds; faces_per_s counts photos whose best face reaches
---min-prob. Quality: `decision_agreement` is the share of photos that both sides keep or both
-reject at --min-prob, `median_box_iou` compares the chosen faces where both keep one.
+one single-threaded detector actor per CPU). The variants, each one change from the one before:
+- plain: facenet-pytorch's MTCNN(keep_all=True) at its defaults, detect() one photo at a time;
+- batched: the same detector, one batched detect() per group of equal-size photos in work units
+  of DETECT_BATCH (data_pipeline.faces.detect_in_size_groups);
+- batched_channels_last: its three networks' weights (and so their activations) channels-last;
+- pipeline: also the coarser image pyramid (factor 0.6 instead of 0.709) and the pipeline's
+  thresholds and minimum face size: data_pipeline.faces.build_detector, what the FaceDetector
+  actor runs;
+- pipeline_unbatched: the pipeline's detector, one photo at a time (what batching adds to it).
+All are warmed up first (oneDNN builds its kernels per input shape), then timed one work unit of
+photos at a time, variant after variant, so that load from other jobs hits all alike; a round
+covers all photos and each variant's median round counts. `<variant>_images_per_s` = photos /
+seconds, `<variant>_speedup` = plain's seconds / the variant's. Quality against plain, per variant:
+`<variant>_agreement` is the share of photos that both keep or both reject at --min-prob (the
+pipeline's keep rule), `<variant>_median_iou` compares the chosen faces where both keep one.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 from facenet_pytorch import MTCNN
 
+from bench.common import emit
 from data_pipeline.faces import (
     DETECT_BATCH, Detection, FaceSettings, Rejected, as_detection, build_detector, decode_photo, detect_in_size_groups,
     pick_face,
@@ -59,34 +64,42 @@ def load_photos(spec: str, limit: int, max_side: int) -> list:
     return photos
 
 
-def plain_detect(mtcnn: MTCNN, images: list) -> list[Detection]:
+def one_at_a_time(mtcnn: MTCNN, images: list) -> list[Detection]:
     return [as_detection(*mtcnn.detect(image, landmarks=True)) for image in images]
 
 
-def pipeline_detect(mtcnn: MTCNN, images: list) -> list[Detection]:
-    return detect_in_size_groups(mtcnn, images)
+def channels_last(mtcnn: MTCNN) -> MTCNN:
+    for network in (mtcnn.pnet, mtcnn.rnet, mtcnn.onet):
+        network.to(memory_format=torch.channels_last)
+    return mtcnn
 
 
-def timed(run, *args) -> tuple[float, list]:
-    started = time.perf_counter()
-    result = run(*args)
-    return time.perf_counter() - started, result
+def variants(settings: FaceSettings) -> dict:
+    """name -> (detector, how it is called on one work unit of photos)."""
+    return {
+        "plain": (MTCNN(keep_all=True), one_at_a_time),
+        "batched": (MTCNN(keep_all=True), detect_in_size_groups),
+        "batched_channels_last": (channels_last(MTCNN(keep_all=True)), detect_in_size_groups),
+        "pipeline": (build_detector(settings), detect_in_size_groups),
+        "pipeline_unbatched": (build_detector(settings), one_at_a_time),
+    }
 
 
-def time_interleaved(plain: MTCNN, pipeline: MTCNN, images: list, rounds: int):
-    """Seconds per round for each side, alternating unit by unit; the last round's detections."""
-    plain_times, pipeline_times = [], []
+def time_interleaved(detectors: dict, images: list, rounds: int) -> tuple[dict, dict]:
+    """Seconds per round for each variant, taking turns unit by unit; the last round's detections."""
+    times = {name: [] for name in detectors}
+    found: dict[str, list] = {}
     for _ in range(rounds):
-        plain_found, pipeline_found, plain_s, pipeline_s = [], [], 0.0, 0.0
+        seconds, found = dict.fromkeys(detectors, 0.0), {name: [] for name in detectors}
         for start in range(0, len(images), DETECT_BATCH):
             unit = images[start:start + DETECT_BATCH]
-            seconds, found = timed(plain_detect, plain, unit)
-            plain_s, plain_found = plain_s + seconds, plain_found + found
-            seconds, found = timed(pipeline_detect, pipeline, unit)
-            pipeline_s, pipeline_found = pipeline_s + seconds, pipeline_found + found
-        plain_times.append(plain_s)
-        pipeline_times.append(pipeline_s)
-    return plain_times, pipeline_times, plain_found, pipeline_found
+            for name, (mtcnn, detect) in detectors.items():
+                started = time.perf_counter()
+                found[name] += detect(mtcnn, unit)
+                seconds[name] += time.perf_counter() - started
+        for name in detectors:
+            times[name].append(seconds[name])
+    return times, found
 
 
 def chosen_boxes(detections: list[Detection], min_prob: float) -> list[np.ndarray | None]:
@@ -104,6 +117,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(overlap / (np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - overlap))
 
 
+def agreement(reference: list, boxes: list) -> dict:
+    both = [iou(a, b) for a, b in zip(reference, boxes) if a is not None and b is not None]
+    return {"agreement": round(float(np.mean([(a is None) == (b is None) for a, b in zip(reference, boxes)])), 4),
+            "median_iou": round(statistics.median(both), 3) if both else None}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -111,32 +130,22 @@ def main(argv: list[str] | None = None) -> dict:
     images = load_photos(args.input, args.limit, settings.max_side)
     if not images:
         sys.exit(f"no readable photos in {args.input}")
-    plain, pipeline = MTCNN(keep_all=True), build_detector(settings)
-    time_interleaved(plain, pipeline, images[:WARMUP_PHOTOS], rounds=1)
-    plain_times, pipeline_times, plain_found, pipeline_found = time_interleaved(plain, pipeline, images, args.rounds)
-    plain_boxes, pipeline_boxes = chosen_boxes(plain_found, args.min_prob), chosen_boxes(pipeline_found, args.min_prob)
-    both = [iou(a, b) for a, b in zip(plain_boxes, pipeline_boxes) if a is not None and b is not None]
-    plain_s, pipeline_s = statistics.median(plain_times), statistics.median(pipeline_times)
-    result = {
-        "bench": "mtcnn",
-        "photos": len(images),
-        "sizes": len({image.size for image in images}),
-        "threads": args.threads,
-        "batch": DETECT_BATCH,
-        "plain_images_per_s": round(len(images) / plain_s, 2),
-        "pipeline_images_per_s": round(len(images) / pipeline_s, 2),
-        "plain_faces_per_s": round(sum(b is not None for b in plain_boxes) / plain_s, 2),
-        "pipeline_faces_per_s": round(sum(b is not None for b in pipeline_boxes) / pipeline_s, 2),
-        "speedup": round(plain_s / pipeline_s, 2),
-        "speedup_per_round": [round(p / q, 2) for p, q in zip(plain_times, pipeline_times)],
-        "decision_agreement": round(np.mean([(a is None) == (b is None) for a, b in zip(plain_boxes, pipeline_boxes)]), 4),
-        "median_box_iou": round(statistics.median(both), 3) if both else None,
-        "loadavg_1min": round(os.getloadavg()[0], 2),  # other jobs on a shared machine slow both
-    }
-    if not args.json:
-        print(f"{result['photos']} photos: plain {result['plain_images_per_s']}/s, pipeline "
-              f"{result['pipeline_images_per_s']}/s ({result['speedup']}x)")
-    print(json.dumps(result))
+    detectors = variants(settings)
+    time_interleaved(detectors, images[:WARMUP_PHOTOS], rounds=1)
+    times, found = time_interleaved(detectors, images, args.rounds)
+    boxes = {name: chosen_boxes(detections, args.min_prob) for name, detections in found.items()}
+    seconds = {name: statistics.median(runs) for name, runs in times.items()}
+    result = {"bench": "mtcnn", "input": args.input, "photos": len(images),
+              "sizes": len({image.size for image in images}), "threads": args.threads, "batch": DETECT_BATCH,
+              "pyramid_factor": settings.pyramid_factor, "rounds": args.rounds}
+    for name in detectors:
+        result[f"{name}_images_per_s"] = round(len(images) / seconds[name], 2)
+        result[f"{name}_faces_kept"] = sum(box is not None for box in boxes[name])
+        if name != "plain":
+            result[f"{name}_speedup"] = round(seconds["plain"] / seconds[name], 2)
+            result.update({f"{name}_{k}": v for k, v in agreement(boxes["plain"], boxes[name]).items()})
+    result["loadavg_1min"] = round(os.getloadavg()[0], 2)  # other jobs on a shared machine slow all alike
+    emit(result, args.json)
     return result
 
 

@@ -1,7 +1,7 @@
 """Times one full ProGAN training step at the paper's widths and prints one JSON line.
 
     python -m bench.train_step --resolution 32 --batch 8 --json [--steps N] [--warmup N]
-                               [--alpha A] [--threads T] [--nchw]
+                               [--alpha A] [--threads T] [--nchw] [--peak-seconds S]
                                [--max-resolution R] [--latent-size L] [--fmap-base B] [--fmap-max M]
                                [--compare-pro-gan [--peer-path DIR]]
 
@@ -20,15 +20,22 @@ runs inside the timed step. The step runs on cuda when available, else on the CP
 torch.set_num_threads(--threads, default: the cores this process may use).
 
 Numbers: `step_s` is the median wall time of --steps timed steps after --warmup untimed ones,
-`img_per_s` = batch / step_s. `gflop_per_s` is the floating-point work of one step, counted
-once by torch.utils.flop_counter.FlopCounterMode (convolutions, matmuls and their backward
-and double-backward passes; element-wise work and Adam are not counted), divided by step_s.
-`peak_gflop_per_s` is the machine's convolution throughput measured in the same run: a
-forward-only 3x3 convolution 512 -> 512 channels on 32x32 maps (--peak-batch, default 8: about
-0.2 s on two idle Zen 4 cores; 0 searches for a batch taking ~0.2 s), in both NCHW and
-channels-last layouts, whichever is faster; its FLOPs also come from FlopCounterMode and its
-time is the median of calls interleaved with the steps, so the load from other jobs on a
-shared machine hits both alike. `fraction_of_peak` is gflop_per_s / peak_gflop_per_s.
+`img_per_s` = batch / step_s. `gflop_per_step` is the floating-point work of one step as torch
+executes it, counted once by torch.utils.flop_counter.FlopCounterMode: every convolution and
+matrix product the dispatcher runs, forward, backward and the gradient penalty's double backward
+(autograd.grad(create_graph=True) runs convolution_backward, and the backward of that runs
+further convolution and convolution_backward calls, all counted); `gflop_by_op` splits it by
+aten op. Element-wise work (activations, pixel norm, equalised-lr scaling, losses) and Adam are
+not counted. `gflop_per_s` = gflop_per_step / step_s.
+`peak_gflop_per_s` is the machine's best measured rate on the kernels a step is made of, in the
+same run: a 3x3 convolution 512 -> 512 on 32x32 maps, forward alone and forward plus both
+gradients (input and weight), each in NCHW and channels-last, and a square fp32 matrix product;
+each is sized to take about --peak-seconds per call, its FLOPs are counted by the same
+FlopCounterMode, and its time is the median of calls interleaved with the steps, so the load
+from other jobs on a shared machine hits both alike; the fastest kernel (`peak_kernel`) is the
+peak. `fraction_of_peak` = gflop_per_s / peak_gflop_per_s; it is left out (null, with
+`fraction_of_peak_dropped` saying why) if the step ran faster than every measured kernel, since
+then the peak measurement, not the step, is wrong.
 (FlopCounterMode's per-module tracker is swapped for a stub that counts the total only: its
 hooks make autograd.grad on the penalty's leaf input raise.) `loadavg_1min` is the machine's
 load average before and after the timed steps.
@@ -63,7 +70,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import statistics
@@ -74,9 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from progan.losses import WGANGP
-from progan.networks import Discriminator, Generator, set_trainable
-from progan.training_step import fade_reals, make_optimizer, memory_format, train_step
+from bench.common import ADAM, StepSetup, add_width_args, cores, emit, widths
 
 PEER_PIP = (".venv/bin/pip install --no-deps --target {path} pro-gan-pth==3.4 "
             "tensorboard==2.21.0 absl-py==2.5.1")
@@ -107,38 +111,14 @@ class _GlobalOnly:
         return None
 
 
-def _flops(fn) -> int:
+def _flops(fn) -> dict[str, int]:
+    """FLOPs of one call of fn, by aten op (convolution, convolution_backward, mm, ...)."""
     counter = FlopCounterMode(display=False)
     if hasattr(counter, "mod_tracker"):
         counter.mod_tracker = _GlobalOnly()
     with counter:
         fn()
-    return counter.get_total_flops()
-
-
-class _Ours:
-    name = "ours"
-
-    def __init__(self, resolution: int, batch: int, alpha: float, device: torch.device,
-                 reals: torch.Tensor, channels_last: bool = True, widths: dict | None = None):
-        """`widths`: Generator/Discriminator keyword arguments (max_resolution, fmap_base, ...)."""
-        widths = widths or {}
-        d_widths = {k: v for k, v in widths.items() if k != "latent_size"}
-        self.G = Generator(**widths).to(device, memory_format=memory_format(channels_last))
-        self.D = Discriminator(**d_widths).to(device, memory_format=memory_format(channels_last))
-        fading = alpha < 1.0 and resolution > 4
-        set_trainable(self.G, resolution, fading)
-        set_trainable(self.D, resolution, fading)
-        self.opt_g = make_optimizer(self.G, 0.001, 0.0, 0.99, 1e-8)
-        self.opt_d = make_optimizer(self.D, 0.001, 0.0, 0.99, 1e-8)
-        self.loss = WGANGP()
-        self.resolution, self.alpha, self.reals = resolution, alpha, reals
-        self.latent_size = self.G.latent_size
-
-    def step(self) -> None:
-        reals = fade_reals(self.reals, self.alpha)
-        train_step(self.G, self.D, self.D, self.opt_g, self.opt_d, self.loss, reals,
-                   self.resolution, self.alpha, self.latent_size)
+    return {str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts()["Global"].items()}
 
 
 def _patch_output_padding(cls) -> None:
@@ -179,8 +159,9 @@ class _Peer:
         with contextlib.redirect_stdout(io.StringIO()):  # it prints both networks
             self.gan = ProGAN(gen, dis, device=device, use_ema=False)
         # its ProGAN.train passes betas=(0, 0.99), which this torch's Adam refuses (int and float)
-        self.gen_optim = torch.optim.Adam(self.gan.gen.parameters(), lr=0.001, betas=(0.0, 0.99), eps=1e-8)
-        self.dis_optim = torch.optim.Adam(self.gan.dis.parameters(), lr=0.001, betas=(0.0, 0.99), eps=1e-8)
+        lr, beta1, beta2, eps = ADAM
+        self.gen_optim, self.dis_optim = (torch.optim.Adam(net.parameters(), lr=lr, betas=(beta1, beta2), eps=eps)
+                                          for net in (self.gan.gen, self.gan.dis))
         self.loss = WganGP()
         self.alpha, self.reals, self.batch, self.device = alpha, reals, batch, device
         self.latent_size = gen.latent_size
@@ -196,44 +177,69 @@ class _Peer:
         self.gan.optimize_generator(self.loss, self.gen_optim, noise, self.reals, self.depth, self.alpha)
 
 
-class _PeakConv:
-    """Forward 3x3 conv 512 -> 512 on 32x32 maps, the machine's best case for the conv kernels."""
+def _conv_kernel(layout: str, backward: bool):
+    """3x3 convolution 512 -> 512 on batch x 512 x 32 x 32: forward, or forward + both gradients."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
-    def __init__(self, device: torch.device, batch: int = 8, target_s: float = 0.2):
-        torch.manual_seed(0)
-        self.w = torch.randn(512, 512, 3, 3, device=device) * 0.02
-        self.b = torch.zeros(512, device=device)
+    def make(batch: int, device: torch.device):
+        x = torch.randn(batch, 512, 32, 32, device=device).contiguous(memory_format=fmt)
+        w = (torch.randn(512, 512, 3, 3, device=device) * 0.02).contiguous(memory_format=fmt)
+        if not backward:
+            return lambda: F.conv2d(x, w, padding=1)
+        x.requires_grad_(True)
+        w.requires_grad_(True)
+        grad_out = torch.ones_like(x)
+        return lambda: torch.autograd.grad(F.conv2d(x, w, padding=1), (x, w), grad_out)
+    return make
+
+
+def _gemm(n: int, device: torch.device):
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return lambda: torch.mm(a, b)
+
+
+PEAK_KERNELS = {  # name -> (make(size, device), first size, largest size)
+    "conv3x3_512_fwd_nchw": (_conv_kernel("nchw", False), 1, 256),
+    "conv3x3_512_fwd_channels_last": (_conv_kernel("channels_last", False), 1, 256),
+    "conv3x3_512_fwd_bwd_nchw": (_conv_kernel("nchw", True), 1, 256),
+    "conv3x3_512_fwd_bwd_channels_last": (_conv_kernel("channels_last", True), 1, 256),
+    "gemm_fp32": (_gemm, 256, 8192),
+}
+
+
+class _Peak:
+    """The fastest of PEAK_KERNELS, each sized (its batch or side doubled) until one call takes
+    about target_s, timed between the steps."""
+
+    def __init__(self, device: torch.device, target_s: float):
         self.device = device
-        if batch <= 0:  # grow the batch until one call takes about target_s
-            batch = 1
-            while batch < 256:
-                x = torch.randn(batch, 512, 32, 32, device=device)
-                with torch.no_grad():
-                    self._run(x)
-                    t = min(_timed(lambda: self._run(x), device) for _ in range(2))
-                if t >= target_s / 2:
+        self.kernels, self.sizes, self.flop = {}, {}, {}
+        for name, (make, size, largest) in PEAK_KERNELS.items():
+            run = make(size, device)
+            while True:
+                run()  # first call of a shape: oneDNN / cuDNN set-up
+                if size >= largest or _timed(run, device) >= target_s / 2:
                     break
-                batch = min(256, max(batch * 2, int(batch * target_s / max(t, 1e-6))))
-        self.batch = batch
-        x = torch.randn(batch, 512, 32, 32, device=device)
-        self.inputs = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
-        with torch.no_grad():
-            self.flop = _flops(lambda: self._run(x))
-            for x in self.inputs.values():
-                self._run(x)  # first call of each layout: oneDNN primitive creation
-        self.times: dict[str, list[float]] = {k: [] for k in self.inputs}
-
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.w, self.b, padding=1)
+                size *= 2
+                run = make(size, device)
+            self.kernels[name], self.sizes[name] = run, size
+            self.flop[name] = sum(_flops(run).values())
+        self.times: dict[str, list[float]] = {name: [] for name in self.kernels}
 
     def measure(self) -> None:
-        with torch.no_grad():
-            for layout, x in self.inputs.items():
-                self.times[layout].append(_timed(lambda: self._run(x), self.device))
+        for name, run in self.kernels.items():
+            self.times[name].append(_timed(run, self.device))
 
-    def result(self) -> tuple[float, str]:
-        best = max(self.times, key=lambda k: self.flop / statistics.median(self.times[k]))
-        return self.flop / statistics.median(self.times[best]) / 1e9, best
+    def rates(self) -> dict[str, float]:
+        """GFLOP/s of each kernel, from its median time."""
+        return {name: self.flop[name] / statistics.median(t) / 1e9 for name, t in self.times.items()}
+
+
+def _fraction(gflop_per_s: float, peak: float) -> dict:
+    if gflop_per_s > peak:
+        return {"fraction_of_peak": None, "fraction_of_peak_dropped":
+                f"{gflop_per_s:.1f} GFLOP/s is above every measured kernel's rate: the peak is wrong"}
+    return {"fraction_of_peak": round(gflop_per_s / peak, 3)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -243,18 +249,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--alpha", type=float, default=1.0, help="fade-in alpha, fixed for the run")
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+    ap.add_argument("--threads", type=int, default=cores(),
                     help="torch.set_num_threads (default: the cores this process may use)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--peak-batch", type=int, default=8,
-                    help="batch of the peak convolution (8: ~0.2 s on 2 idle Zen 4 cores); 0: find one taking ~0.2 s")
+    ap.add_argument("--peak-seconds", type=float, default=0.1,
+                    help="about how long one call of each peak kernel takes (its size is grown to it)")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     ap.add_argument("--nchw", action="store_true",
                     help="our networks in NCHW layout (default: channels-last, as model.channels_last)")
-    ap.add_argument("--max-resolution", type=int, default=1024, help="model.max_resolution of our networks")
-    ap.add_argument("--latent-size", type=int, default=512, help="model.latent_size of our generator")
-    ap.add_argument("--fmap-base", type=int, default=8192, help="model.fmap_base of our networks")
-    ap.add_argument("--fmap-max", type=int, default=512, help="model.fmap_max of our networks")
+    add_width_args(ap)
     ap.add_argument("--compare-pro-gan", action="store_true",
                     help="also time the pro-gan-pth 3.4 package's step, interleaved with ours")
     ap.add_argument("--peer-path", default="/tmp/progan_peer",
@@ -266,66 +269,60 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(0)
-    reals = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device)
-
-    widths = {"max_resolution": args.max_resolution, "latent_size": args.latent_size,
-              "fmap_base": args.fmap_base, "fmap_max": args.fmap_max}
-    runners = [_Ours(args.resolution, args.batch, args.alpha, device, reals, channels_last=not args.nchw,
-                     widths=widths)]
+    nets = widths(args)
+    ours = StepSetup(args.resolution, args.batch, args.alpha, device, channels_last=not args.nchw, widths=nets)
+    runners = {"ours": ours.step}
     if args.compare_pro_gan:
-        runners.append(_Peer(args.resolution, args.batch, args.alpha, device, reals, args.peer_path))
+        peer = _Peer(args.resolution, args.batch, args.alpha, device, ours.reals, args.peer_path)
+        runners["pro_gan"] = peer.step
 
-    for r in runners:
+    for step in runners.values():
         for _ in range(args.warmup):
-            r.step()
-    flops = {r.name: _flops(r.step) for r in runners}
-    peak = _PeakConv(device, args.peak_batch)
+            step()
+    flops = {name: _flops(step) for name, step in runners.items()}
+    peak = _Peak(device, args.peak_seconds)
 
     load_before = os.getloadavg()[0]
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    order = list(runners)
     for i in range(args.steps):
-        for r in (runners if i % 2 == 0 else runners[::-1]):  # alternate who goes first
-            times[r.name].append(_timed(r.step, device))
+        for name in (order if i % 2 == 0 else order[::-1]):  # alternate who goes first
+            times[name].append(_timed(runners[name], device))
         peak.measure()
 
-    step_s = statistics.median(times["ours"])
-    peak_gflop_per_s, peak_layout = peak.result()
+    rates = peak.rates()
+    peak_kernel = max(rates, key=rates.get)
     out = {
-        "resolution": args.resolution, "batch": args.batch, "alpha": args.alpha,
+        "bench": "train_step", "resolution": args.resolution, "batch": args.batch, "alpha": args.alpha,
         "device": str(device), "threads": torch.get_num_threads(), "channels_last": not args.nchw,
-        **widths,
-        "steps": args.steps, "warmup": args.warmup,
-        "step_s": round(step_s, 5), "step_s_min": round(min(times["ours"]), 5),
-        "img_per_s": round(args.batch / step_s, 2),
-        "gflop_per_step": round(flops["ours"] / 1e9, 3),
-        "gflop_per_s": round(flops["ours"] / step_s / 1e9, 2),
-        "peak_gflop_per_s": round(peak_gflop_per_s, 2),
-        "peak_conv": f"3x3 512->512 on {peak.batch}x512x32x32, forward, {peak_layout}",
-        "fraction_of_peak": round(flops["ours"] / step_s / 1e9 / peak_gflop_per_s, 3),
+        **nets, "steps": args.steps, "warmup": args.warmup,
+        **_figures("", times["ours"], flops["ours"], args.batch, rates[peak_kernel]),
+        "gflop_by_op": {op: round(n / 1e9, 3) for op, n in flops["ours"].items()},
+        "peak_gflop_per_s": round(rates[peak_kernel], 2),
+        "peak_kernel": f"{peak_kernel} (size {peak.sizes[peak_kernel]})",
+        "kernel_gflop_per_s": {name: round(rate, 2) for name, rate in rates.items()},
         "torch": torch.__version__,
         "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     if args.compare_pro_gan:
-        peer = runners[1]
-        p_step = statistics.median(times["pro_gan"])
         out.update({
             "pro_gan_version": peer.version,
-            "pro_gan_step_s": round(p_step, 5),
-            "pro_gan_img_per_s": round(args.batch / p_step, 2),
-            "pro_gan_gflop_per_step": round(flops["pro_gan"] / 1e9, 3),
-            "pro_gan_step_s_min": round(min(times["pro_gan"]), 5),
-            "pro_gan_gflop_per_s": round(flops["pro_gan"] / p_step / 1e9, 2),
-            "pro_gan_fraction_of_peak": round(flops["pro_gan"] / p_step / 1e9 / peak_gflop_per_s, 3),
-            "speedup": round(p_step / step_s, 3),
+            **_figures("pro_gan_", times["pro_gan"], flops["pro_gan"], args.batch, rates[peak_kernel]),
+            "speedup": round(statistics.median(times["pro_gan"]) / statistics.median(times["ours"]), 3),
             "speedup_paired": round(statistics.median(p / o for p, o in zip(times["pro_gan"], times["ours"])), 3),
         })
-    if args.json:
-        print(json.dumps(out), flush=True)
-    else:
-        for k, v in out.items():
-            print(f"{k:>24}: {v}")
+    emit(out, args.json)
     return out
+
+
+def _figures(prefix: str, times: list[float], flops: dict[str, int], batch: int, peak: float) -> dict:
+    """step_s, img_per_s, GFLOP per step and per second, share of the peak; names after `prefix`."""
+    step_s = statistics.median(times)
+    gflop = sum(flops.values()) / 1e9
+    figures = {"step_s": round(step_s, 5), "step_s_min": round(min(times), 5),
+               "img_per_s": round(batch / step_s, 2), "gflop_per_step": round(gflop, 3),
+               "gflop_per_s": round(gflop / step_s, 2), **_fraction(gflop / step_s, peak)}
+    return {prefix + key: value for key, value in figures.items()}
 
 
 if __name__ == "__main__":
