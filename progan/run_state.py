@@ -17,7 +17,7 @@ from progan.training_step import memory_format
 
 def build_networks(cfg: Config) -> tuple[Generator, Discriminator]:
     m = cfg.model
-    torch.manual_seed(cfg.data.seed)  # the same initial weights on every rank
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     G = Generator(m.max_resolution, m.latent_size, m.fmap_base, m.fmap_max, m.num_channels)
     D = Discriminator(m.max_resolution, m.fmap_base, m.fmap_max, m.num_channels, m.mbstd_group_size)
     return G, D
@@ -98,4 +98,4 @@ class RunState:
 
     def seed_rank(self, rank: int) -> None:
         """Each rank's own stream of latents and penalty mixes, from the seed and the images seen."""
-        torch.manual_seed(self.cfg.data.seed * 1000 + 1 + rank + self.images_seen)
+        torch.manual_seed(self.cfg.seed * 1000 + 1 + rank + self.images_seen)

@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import time
-from pathlib import Path
 
 import ray.train
 import ray.train.torch
@@ -23,14 +21,13 @@ import torch.distributed as dist
 from data_pipeline import storage
 from data_pipeline.loader import BatchReader, FaceStream
 from monitoring.metrics import TrainingMetrics
-from progan.checkpoint import load_usable_checkpoint, save_checkpoint
-from progan.config import config_from_dict
+from progan.config import Config, config_from_dict
 from progan.ema import ema_beta, update_ema
 from progan.losses import make_loss
 from progan.phase_training import PhaseTraining, enter_phase
-from progan.run_log import STOP_FILE, RunLog, error_signature, repeated_error
-from progan.run_state import RunState, SavedOptimizers, rng_state, weights_digest
-from progan.samples import fixed_latents, sample_name, write_sample_grid
+from progan.run_checkpoints import RunCheckpoints
+from progan.run_log import STOP_FILE, RunLog, error_signature
+from progan.run_state import RunState
 from progan.schedule import Phase, build_phases, phase_at
 from progan.training_step import fade_reals, train_step
 
@@ -50,6 +47,24 @@ class Callback:
         """Runs on every rank once a checkpoint has been reported."""
 
 
+def open_rank_batches(cfg: Config, shards: str, rank: int, world: int, images_seen: int,
+                      device: torch.device) -> BatchReader:
+    """This rank's share of the shards, from the pass the images seen so far have reached (a
+    resumed run does not replay the first passes' order)."""
+    d = cfg.data
+    stream = FaceStream(shards, rank, world, d.seed, d.shuffle_buffer, images_seen=images_seen)
+    return BatchReader(stream, d.mirror, seed=d.seed * 1000 + rank + stream.first_pass,
+                       loader_workers=d.loader_workers, device=device)
+
+
+def log_workers(log: RunLog, rank: int, world: int) -> None:
+    """Which process on which node holds each rank, in the event log (for operators and tests)."""
+    me = {"rank": rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+    workers = [None] * world
+    dist.all_gather_object(workers, me)
+    log.event("workers", world_size=world, workers=workers)
+
+
 class Trainer:
     """One worker's run: restore, then phase after phase of steps, with stats and checkpoints."""
 
@@ -65,76 +80,22 @@ class Trainer:
         self.log = RunLog(self.run_dir, self.rank == 0, total_kimg=self.phases[-1].end_kimg)
         self.metrics = TrainingMetrics(run=self.run_dir.name, rank=self.rank, node="")
         self.run = RunState(self.cfg, self.device)
+        self.checkpoints = RunCheckpoints(self.run, self.run_dir, self.rank, self.world, self.log)
         self.loss = make_loss(**dataclasses.asdict(self.cfg.loss))
-        self.sample_latents = fixed_latents(self.cfg.checkpoint.sample_grid ** 2, self.cfg.model.latent_size)
         self.training: PhaseTraining | None = None
         self.nonfinite_mark: torch.Tensor | None = None  # see _note_nonfinite
         self.stop_requested = False
         self.last_stats: dict = {}
-        saved = self._restore()
-        self.stopped = self._stop_reason() is not None
+        # the repeated-error policy is asked before restoring too: the error may be the restore's
+        self.stopped = self.checkpoints.stop_reason() is not None
         if not self.stopped:
-            self.batches = self._open_data()
-            self._log_workers()
-            self.saved_optimizers = saved
-
-    # ---------------------------------------------------------------- restore
-
-    def _restore(self) -> SavedOptimizers | None:
-        """The run's latest checkpoint (or, when it does not load, the newest older one that does)."""
-        checkpoint = ray.train.get_checkpoint()
-        self.resumed, self.restored, self.rollbacks = checkpoint is not None, None, 0
-        self.checkpoint_images = self.restored_images = 0
-        if checkpoint is None:
-            self.run.seed_rank(self.rank)
-            self.log.event("start", world_size=self.world, kimg=0.0)
-            return None
-        self.metrics.count_restart()
-        with checkpoint.as_directory() as directory:
-            # older checkpoints to fall back on are looked for in a local run folder only
-            older_in = self.run_dir if isinstance(self.run_dir, Path) else directory
-            state, used, skipped = load_usable_checkpoint(directory, older_in, dataclasses.asdict(self.cfg.model))
-        for reason in skipped:  # a checkpoint cut short or damaged: the run goes on from an older one
-            self.log.event("checkpoint_unusable", reason=reason, resumed_from=used.name,
-                           kimg=state["images_seen"] / 1000)
-        self.restored = checkpoint if not skipped else ray.train.Checkpoint(str(used)) if older_in != directory else None
-        self.rollbacks = self.restored.get_metadata().get("nan_rollbacks", 0) if self.restored else 0
-        saved = self.run.load(state, self.rank, self.world)
-        self.checkpoint_images = self.restored_images = self.run.images_seen
-        self.log.event("resume", world_size=self.world, kimg=self.run.kimg, previous_world_size=state["world_size"])
-        return saved
-
-    def _stop_reason(self) -> str | None:
-        """Rank 0 ends a run that would fail the same way on every restart: the same worker error
-        in the last two attempts, or `checkpoint.max_nan_rollbacks` rollbacks to this checkpoint."""
-        reason = None
-        if self.rank == 0:
-            error = repeated_error(self.run_dir / "events.jsonl")
-            limit = self.cfg.checkpoint.max_nan_rollbacks
-            if error:
-                reason = f"the same error in two attempts in a row: {error}"
-            elif self.rollbacks >= limit:
-                reason = f"non-finite losses after {limit} rollbacks to the checkpoint at kimg {self.checkpoint_images / 1000:.3f}"
-        decision = [reason]
-        dist.broadcast_object_list(decision, src=0)
-        if decision[0]:
-            self.log.event("stopped", reason=decision[0])
-        return decision[0]
-
-    def _open_data(self) -> BatchReader:
-        """This rank's share of the shards, from the pass the images seen so far have reached (a
-        resumed run does not replay the first passes' order)."""
-        d = self.cfg.data
-        stream = FaceStream(self.shards, self.rank, self.world, d.seed, d.shuffle_buffer, images_seen=self.run.images_seen)
-        return BatchReader(stream, d.mirror, seed=d.seed * 1000 + self.rank + stream.first_pass,
-                           loader_workers=d.loader_workers, device=self.device)
-
-    def _log_workers(self) -> None:
-        """Which process on which node holds each rank, in the event log (for operators and tests)."""
-        me = {"rank": self.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
-        workers = [None] * self.world
-        dist.all_gather_object(workers, me)
-        self.log.event("workers", world_size=self.world, workers=workers)
+            self.saved_optimizers = self.checkpoints.restore()
+            if self.checkpoints.resumed:
+                self.metrics.count_restart()
+            self.stopped = self.checkpoints.stop_reason() is not None
+        if not self.stopped:
+            self.batches = open_rank_batches(self.cfg, self.shards, self.rank, self.world, self.run.images_seen, self.device)
+            log_workers(self.log, self.rank, self.world)
 
     # ---------------------------------------------------------------- the loop
 
@@ -142,7 +103,6 @@ class Trainer:
         if self.stopped:
             return
         try:
-            self.next_checkpoint = self._next_checkpoint_after(self.run.images_seen)
             self._reset_window()
             while self.run.images_seen < round(self.phases[-1].end_kimg * 1000) and not self.stopped:
                 phase = phase_at(self.phases, self.run.kimg)
@@ -162,10 +122,10 @@ class Trainer:
             reals = self.batches.next_batch(self.training.batch, phase.resolution)
             self._train_one_step(phase, reals, data_wait=time.perf_counter() - waiting_since)
             phase_done = self.run.images_seen >= round(phase.end_kimg * 1000)
-            if phase_done or self.stop_requested or self.run.images_seen >= self.next_checkpoint:
+            if phase_done or self.stop_requested or self.checkpoints.due():
                 self._stop_if_nonfinite()  # never save weights a NaN has reached
                 self._checkpoint(1.0 if phase_done else phase.alpha(self.run.kimg))
-                self.callback.after_checkpoint(self.run.kimg, self.resumed)
+                self.callback.after_checkpoint(self.run.kimg, self.checkpoints.resumed)
             if phase_done and self.rank == 0:
                 self._evaluate_swd(phase)
             if self.stop_requested:
@@ -205,7 +165,7 @@ class Trainer:
         """Marks a NaN/Inf loss on the training device without waiting for the step to finish
         there (no host synchronisation per step); _stop_if_nonfinite reads the mark."""
         losses = self.callback.on_losses(torch.stack([stats["loss_d"], stats["loss_g"]]).float(),
-                                         self.run.kimg, self.resumed)
+                                         self.run.kimg, self.checkpoints.resumed)
         bad = ~torch.isfinite(losses).all()
         self.nonfinite_mark = bad if self.nonfinite_mark is None else self.nonfinite_mark | bad
 
@@ -221,22 +181,12 @@ class Trainer:
             return
         self.metrics.count_rollback()
         if self.rank == 0:
-            self._count_rollback()
+            self.checkpoints.count_rollback()
         dist.barrier()  # the count is stored before any rank's failure ends the attempt
-        self.log.event("nan_rollback", kimg=self.run.kimg, checkpoint_kimg=self.checkpoint_images / 1000)
+        back_to = self.checkpoints.images / 1000
+        self.log.event("nan_rollback", kimg=self.run.kimg, checkpoint_kimg=back_to)
         raise FloatingPointError(f"non-finite loss at kimg {self.run.kimg:.3f}: rolling back to the checkpoint "
-                                 f"at kimg {self.checkpoint_images / 1000:.3f}")
-
-    def _count_rollback(self) -> None:
-        """The checkpoint the restart goes back to keeps how many rollbacks went to it, in its
-        metadata (Ray's, beside the checkpoint): the restarted run reads it in _restore. Without
-        a checkpoint yet there is nothing to roll back to: Ray's max_failures bounds the restarts."""
-        target = self.restored if self.restored_images == self.checkpoint_images else None
-        for reported in ray.train.get_all_reported_checkpoints():
-            if reported.metrics.get("images_seen") == self.checkpoint_images:
-                target = reported.checkpoint
-        if target is not None:
-            target.update_metadata({"nan_rollbacks": target.get_metadata().get("nan_rollbacks", 0) + 1})
+                                 f"at kimg {back_to:.3f}")
 
     # ---------------------------------------------------------------- stats, checkpoints, SWD
 
@@ -261,40 +211,11 @@ class Trainer:
         self.metrics.observe_stats(record)
         return record
 
-    def _next_checkpoint_after(self, images: int) -> int:
-        every = round(self.cfg.checkpoint.every_kimg * 1000)
-        return (images // every + 1) * every
-
     def _checkpoint(self, alpha: float) -> None:
-        """Every rank calls report (a collective); rank 0 attaches the checkpoint and a sample grid.
-        Before that the ranks compare weight digests: a divergence fails the attempt, so Ray Train
-        restarts from the last checkpoint instead of saving weights that differ across ranks."""
-        run, t = self.run, self.training
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, (rng_state(self.device), weights_digest(run.G, run.D)))
-        digests = [digest for _, digest in gathered]
-        if len(set(digests)) != 1:
-            self.log.event("rank_divergence", kimg=run.kimg, digests=digests)
-            raise RuntimeError(f"ranks hold different weights at kimg {run.kimg:.3f}")
-        self.next_checkpoint = self._next_checkpoint_after(run.images_seen)
-        self.checkpoint_images = run.images_seen
-        metrics = {"kimg": run.kimg, "images_seen": run.images_seen, "step": run.step,
-                   "resolution": t.phase.resolution, "phase": t.phase.name, "alpha": alpha, "world_size": self.world,
-                   "ranks_identical": True, "weights_digest": digests[0],
-                   **{k: v for k, v in self.last_stats.items() if k in STAT_KEYS + ("img_per_s",)}}
-        if self.rank != 0:
-            ray.train.report(metrics)
-            return
-        sample = self.run_dir / "samples" / sample_name(t.phase.resolution, run.images_seen)
-        with storage.written_at(sample) as local:  # uploaded after, for a run on object storage
-            write_sample_grid(run.G_ema, self.sample_latents, t.phase.resolution, alpha, local)
-        metrics["sample_grid"] = str(sample)
-        started = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(run.to_checkpoint(t.phase, alpha, t.opt_g, t.opt_d, [g[0] for g in gathered]), tmp)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        self.metrics.observe_checkpoint(time.perf_counter() - started)
-        self.log.event("checkpoint", kimg=run.kimg, sample_grid=str(sample.relative_to(self.run_dir)))
+        seconds = self.checkpoints.save(self.training, alpha, {k: v for k, v in self.last_stats.items()
+                                                              if k in STAT_KEYS + ("img_per_s",)})
+        if seconds is not None:
+            self.metrics.observe_checkpoint(seconds)
 
     def _evaluate_swd(self, phase: Phase) -> None:
         """The paper's SWD of the EMA generator against the shards at the end of each phase (the
