@@ -55,7 +55,7 @@ SCRAPE_INTERVAL_S = float(yaml.safe_load((REPO / "monitoring" / "prometheus.yml"
 # tiny_config's 16x16 network: 4x4 until kimg 0.128, 8x8 (fade-in, stabilise) until 0.384, then
 # 16x16 until total_kimg, far beyond what the test waits for: it ends the run with the STOP file.
 TRAINING_OVERRIDES = ("schedule.total_kimg=200", "cluster.max_failures=2", "checkpoint.every_kimg=0.064",
-                      "monitoring.log_every_steps=2")
+                      "monitoring.log_every_steps=2", f"cluster.min_workers={WORKERS}")
 NAN_AT_KIMG = 0.08        # one NaN two steps after the first checkpoint (kimg 0.064), still at 4x4
 GAUGE_WINDOW_S = 4        # gauges checked for gaps over at least this long after the restart
 # Ray Train for this module: no Train state actor (LocalCluster turns it on with a dashboard; one

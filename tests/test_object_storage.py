@@ -202,7 +202,7 @@ def test_the_same_error_twice_stops_a_run_on_the_bucket(s3, s3_shards, cluster):
 
     _, shards = s3_shards
     run = f"s3://{BUCKET}/runs/same-error"
-    cfg = tiny_config("cluster.max_failures=5")
+    cfg = tiny_config("cluster.max_failures=5", "cluster.min_workers=2")
     build_trainer(cfg, run, shards, workers=2, train_slot=TRAIN_SLOT,
                   extra_loop_config={"callback": FaultInjection(error_after_kimg=0.09)}).fit()
     events = read_events(s3, run)

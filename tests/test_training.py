@@ -40,7 +40,8 @@ def interrupted_then_resumed(cluster, shards, tmp_path_factory):
     decode in the training process, data.loader_workers=0.)"""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     run_dir.mkdir()
-    cfg = tiny_config("data.loader_workers=1")  # decoding in a DataLoader process, inside a Ray worker
+    # decoding in a DataLoader process, inside a Ray worker; a fixed size (cluster.min_workers: elastic by default)
+    cfg = tiny_config("data.loader_workers=1", "cluster.min_workers=2")
     first = build_trainer(cfg, run_dir, shards, workers=2, train_slot=TRAIN_SLOT,
                           extra_loop_config={"callback": FaultInjection(fail_after_kimg=0.19)})
     with pytest.raises(ray.train.WorkerGroupError, match="injected failure"):
@@ -228,7 +229,7 @@ def test_resume_goes_on_from_the_newest_checkpoint_that_loads(interrupted_then_r
     data = newest.read_bytes()
     newest.write_bytes(data[:len(data) // 2])
     older_kimg = load_checkpoint(older)["images_seen"] / 1000
-    cfg = tiny_config("data.loader_workers=1")
+    cfg = tiny_config("data.loader_workers=1", "cluster.min_workers=2")
     launch.check_resume(cfg, run)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and f"{newest}: unreadable (" in lines[0], lines
@@ -244,7 +245,7 @@ def test_resume_goes_on_from_the_newest_checkpoint_that_loads(interrupted_then_r
 def test_three_workers_train_the_schedules_global_batch_exactly(cluster, shards, tmp_path):
     """A global batch of 20 on 3 workers trains 20 images a step (8 + 8 + 4), not 18: the stats,
     the phase event and the image count say so; grad_norm is logged."""
-    cfg = tiny_config("schedule.minibatch_default=20", "schedule.total_kimg=0.12")
+    cfg = tiny_config("schedule.minibatch_default=20", "schedule.total_kimg=0.12", "cluster.min_workers=3")
     phases = build_phases(cfg)
     assert [p.batch for p in phases] == [20]
     run_dir = tmp_path / "three"
@@ -273,7 +274,8 @@ def test_nan_between_stats_lines_is_caught_before_the_next_checkpoint(cluster, s
     steps (5 here) and before each checkpoint: a NaN at step 12, which ends at the 0.192 kimg
     checkpoint, rolls back to the one before (0.128, the end of the 4x4 phase) instead of being
     saved."""
-    cfg = tiny_config("monitoring.log_every_steps=5", "schedule.total_kimg=0.224", "cluster.max_failures=1")
+    cfg = tiny_config("monitoring.log_every_steps=5", "schedule.total_kimg=0.224", "cluster.max_failures=1",
+                      "cluster.min_workers=2")
     run_dir = tmp_path / "nan"
     result = build_trainer(cfg, run_dir, shards, workers=2, extra_loop_config={"callback": FaultInjection(nan_at_kimg=0.17)}).fit()
     events = read_jsonl(run_dir / "events.jsonl")
