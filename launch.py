@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cluster.local import TRAIN_SLOT, check_gpus_for_nodes, keep_ray_on_loopback
 from data_pipeline import storage
-from data_pipeline.errors import UserError, check_port_free, run_cli
+from data_pipeline.errors import OneLineParser, UserError, check_port_free, run_cli
 from progan.config import Config, load_config, save_config
 from progan.run_log import STOP_FILE
 
@@ -38,7 +38,7 @@ RUNTIME_FIELDS = ("cluster.", "monitoring.", "data.path", "data.loader_workers")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Progressive GAN training on a Ray cluster.")
+    p = OneLineParser(prog="launch.py", description="Progressive GAN training on a Ray cluster.")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.add_argument("--nodes", type=int, default=None, help="local Ray nodes to start (default: cluster.nodes)")
     p.add_argument("--address", default=None, help="join a running cluster: 'auto' or HOST:PORT")
