@@ -10,7 +10,10 @@ import sys
 
 from torch import nn
 
+from data_pipeline.errors import OneLineParser, UserError, run_cli
 from progan.networks import Discriminator, Generator, resolutions_up_to
+
+PROG = "python -m progan.summary"
 
 
 def _rows(net: nn.Module, resolution: int, io_name: str) -> list[tuple[str, str, int]]:
@@ -41,21 +44,28 @@ def summarize(net: nn.Module, resolution: int, io_name: str, title: str) -> int:
     return total
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--latent-size", type=int, default=512)
     parser.add_argument("--fmap-base", type=int, default=8192)
     parser.add_argument("--fmap-max", type=int, default=512)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def summarize_both(args: argparse.Namespace) -> int:
     if args.resolution not in resolutions_up_to(1024):
-        print(f"--resolution: got {args.resolution}, allowed: a power of two in 4..1024", file=sys.stderr)
-        return 2
+        raise UserError(f"--resolution: got {args.resolution}, allowed: a power of two in 4..1024")
     kw = dict(max_resolution=args.resolution, fmap_base=args.fmap_base, fmap_max=args.fmap_max)
     g = summarize(Generator(latent_size=args.latent_size, **kw), args.resolution, "to_rgb", "Generator")
     d = summarize(Discriminator(**kw), args.resolution, "from_rgb", "Discriminator")
     print(f"\nGenerator {g:,} + Discriminator {d:,} = {g + d:,} parameters")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(PROG, lambda: summarize_both(args))
 
 
 if __name__ == "__main__":
