@@ -7,7 +7,7 @@ LOCK_HASH := $(shell cat requirements.txt constraints.txt Makefile | sha1sum | c
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 ARGS ?=
 
-.PHONY: setup test run bench clean
+.PHONY: setup test run bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ bench: $(STAMP)
 	$(PY) -m bench.mtcnn --input data/demo_faces --rounds 2 --json >> $(BENCH_OUT)
 	$(PY) -m bench.metrics_overhead --resolution 32 --batch 32 --steps 3 $(DEMO_NETS) >> $(BENCH_OUT)
 	@$(PY) -m bench.table $(BENCH_OUT)
+
+# the one-shot GPU check (README: GPU check); ARGS=--quick runs it at tiny sizes on a CPU
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
