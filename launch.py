@@ -309,7 +309,7 @@ def preload_trainer() -> None:
     imports cost no time there; after the cluster is up they would delay the first step."""
     def load() -> None:
         try:
-            importlib.import_module("progan.trainer")
+            importlib.import_module("progan.train_loop")
         except Exception:
             pass  # train() imports it again and shows what is wrong
 
@@ -393,7 +393,7 @@ def prometheus(cfg: Config, args: argparse.Namespace, run_dir: Path):
 
 def train(cfg: Config, run_dir: Path, shards: Path, local_nodes: bool) -> dict:
     """Ray Train on the cluster; on our own local nodes each worker also takes the node's TRAIN_SLOT."""
-    from progan.trainer import build_trainer
+    from progan.train_loop import build_trainer
 
     workers = cfg.cluster.workers or cfg.cluster.nodes
     trainer = build_trainer(cfg, run_dir, shards, workers, train_slot=TRAIN_SLOT if local_nodes else None)

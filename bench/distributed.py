@@ -20,7 +20,7 @@ from progan.config import load_config
 
 def run_once(cfg, shards: str, workers: int, root: Path) -> dict:
     from cluster.local import TRAIN_SLOT
-    from progan.trainer import build_trainer
+    from progan.train_loop import build_trainer
 
     run_dir = root / f"workers{workers}"
     run_dir.mkdir()

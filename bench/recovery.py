@@ -26,7 +26,7 @@ def main() -> None:
     args = p.parse_args()
     from cluster.local import LocalCluster
     from cluster.local import TRAIN_SLOT
-    from progan.trainer import build_trainer
+    from progan.train_loop import build_trainer
 
     cfg = load_config("configs/demo.yaml", [
         "model.max_resolution=16", "schedule.start_resolution=16", "schedule.total_kimg=1000",

@@ -20,7 +20,7 @@ from data_pipeline.errors import UserError
 CPUS_PER_NODE = 2
 # A custom resource that these nodes carry, one per node: it pins one training worker per node
 # and leaves the node's other CPU to the data pipeline's Ray Data tasks. launch.py passes its
-# name to progan.trainer.build_trainer for these nodes; cluster/'s configs for real clusters give
+# name to progan.train_loop.build_trainer for these nodes; cluster/'s configs for real clusters give
 # their worker nodes one each too.
 TRAIN_SLOT = "trainslot"
 METRIC_PORT_VARIABLES = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")

@@ -1,10 +1,12 @@
-"""`train_loop_per_worker`: progressive training on one Ray Train worker.
+"""The training job on Ray Train: `build_trainer` (workers, process group, storage, failure and
+checkpoint policy) and `train_loop_per_worker`, the progressive training each worker runs.
 
-The only module that knows about ranks and Ray. Every rank runs the same schedule from the same
-global image count, so collective calls (DDP all-reduces, the stats all-reduce,
-`ray.train.report`) happen at the same steps everywhere. The step itself is
-`progan.training_step.train_step`; what a phase trains with, `progan.phase_training`; the
-state a checkpoint holds, `progan.run_state`; the run folder's logs, `progan.run_log`.
+Every rank runs the same schedule from the same global image count, so collective calls (DDP
+all-reduces, the stats all-reduce, `ray.train.report`) happen at the same steps everywhere. The
+step itself is `progan.training_step.train_step`; what a phase trains with,
+`progan.phase_training`; the state a checkpoint holds, `progan.run_state`, and the checkpoints
+themselves, `progan.run_checkpoints`; the run folder's logs, `progan.run_log`. Only these
+modules know about ranks and Ray; the networks, losses and step do not.
 """
 from __future__ import annotations
 
@@ -13,10 +15,13 @@ import math
 import os
 import time
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
 from data_pipeline import storage
 from data_pipeline.loader import BatchReader, FaceStream
@@ -25,6 +30,7 @@ from progan.config import Config, config_from_dict
 from progan.ema import ema_beta, update_ema
 from progan.losses import make_loss
 from progan.phase_training import PhaseTraining, enter_phase
+from progan.process_group import BoundStoreTorchConfig, process_group_backend
 from progan.run_checkpoints import RunCheckpoints
 from progan.run_log import STOP_FILE, RunLog, error_signature
 from progan.run_state import RunState
@@ -241,3 +247,52 @@ def train_loop_per_worker(loop_config: dict) -> None:
         RunLog(storage.location(loop_config["run_dir"]), True).event(
             "worker_error", rank=rank, error=str(exc).strip()[:2000], signature=error_signature(exc))
         raise
+
+
+# ---------------------------------------------------------------- the job
+
+def uses_gpu(cfg: Config) -> bool:
+    """cluster.use_gpu, or when it is null (auto): whether the cluster has a GPU."""
+    if cfg.cluster.use_gpu is None:
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return cfg.cluster.use_gpu
+
+
+def scaling_config(cfg: Config, workers: int, train_slot: str | None) -> ScalingConfig:
+    """`train_slot`: a custom resource each worker also takes one of (the launcher's local nodes
+    carry one each, so that workers spread one per node); None for none."""
+    use_gpu = uses_gpu(cfg)
+    resources = {"CPU": cfg.cluster.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    if train_slot:
+        resources[train_slot] = 1
+    low = cfg.cluster.min_workers
+    num_workers = (low, workers) if low < workers else workers  # elastic between the two
+    return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                         placement_strategy="SPREAD", elastic_resize_monitor_interval_s=10.0)
+
+
+def build_trainer(cfg: Config, run_dir: Path, shards: str | Path, workers: int,
+                  train_slot: str | None = None, extra_loop_config: dict | None = None) -> TorchTrainer:
+    """`run_dir` is storage_path/name, so Ray's checkpoints land in the run folder, and a new
+    trainer on the same folder resumes from its latest checkpoint. A URL (s3://bucket/runs/NAME)
+    puts them on object storage, where every node reaches them (Ray uploads each checkpoint from
+    the worker that reports it). `shards`: a folder or URL of face shards that every node can
+    read (each worker reads its share itself: data_pipeline.loader)."""
+    run_dir = storage.location(storage.absolute(run_dir))
+    # read by Ray Train's controller, which inherits the driver's RAY_TRAIN_* variables
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.cluster.worker_start_timeout_s)
+    scaling = scaling_config(cfg, workers, train_slot)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "shards": storage.absolute(shards),
+                           **(extra_loop_config or {})},
+        scaling_config=scaling,
+        torch_config=BoundStoreTorchConfig(backend=process_group_backend(scaling.use_gpu)),
+        run_config=RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+        ),
+    )

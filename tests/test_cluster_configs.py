@@ -21,7 +21,7 @@ LOCKED = ("torch", "torchvision")
 
 
 def _module_constant(path: Path, name: str):
-    """A top-level constant of a module, read without importing it (progan.trainer loads torch)."""
+    """A top-level constant of a module, read without importing it (progan.train_loop loads torch)."""
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
             return ast.literal_eval(node.value)

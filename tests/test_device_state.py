@@ -5,7 +5,7 @@ import torch
 
 from progan.checkpoint import load_checkpoint, save_checkpoint
 from progan.run_state import restore_rng, rng_state
-from progan.trainer import process_group_backend
+from progan.process_group import process_group_backend
 
 
 def test_gpu_process_group_serves_cpu_and_cuda_collectives():

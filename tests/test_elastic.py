@@ -7,7 +7,7 @@ import pytest
 
 from progan.background_run import BackgroundRun
 from cluster.local import TRAIN_SLOT
-from progan.trainer import build_trainer
+from progan.train_loop import build_trainer
 
 from conftest import read_jsonl, tiny_config
 from faults import FaultInjection

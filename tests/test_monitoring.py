@@ -195,12 +195,12 @@ def _run_pipeline(cluster, faces_dir: Path, work: Path) -> dict:
 
 
 def _start_training(run_dir: Path, shards: Path) -> BackgroundRun:
-    """The job under test: a tiny real training (progan.trainer.build_trainer, as launch.py builds
+    """The job under test: a tiny real training (progan.train_loop.build_trainer, as launch.py builds
     it) on the module's 2-node cluster. Its NaN test hook fails the first attempt once, so that Ray
     Train restarts the workers from a checkpoint."""
     from faults import FaultInjection
     from cluster.local import TRAIN_SLOT
-    from progan.trainer import build_trainer
+    from progan.train_loop import build_trainer
 
     run_dir.mkdir(parents=True)
     return BackgroundRun(build_trainer(tiny_config(*TRAINING_OVERRIDES), run_dir, shards, workers=WORKERS,

@@ -198,7 +198,7 @@ def test_the_same_error_twice_stops_a_run_on_the_bucket(s3, s3_shards, cluster):
     from conftest import tiny_config
     from faults import FaultInjection
     from cluster.local import TRAIN_SLOT
-    from progan.trainer import build_trainer
+    from progan.train_loop import build_trainer
 
     _, shards = s3_shards
     run = f"s3://{BUCKET}/runs/same-error"

@@ -23,7 +23,7 @@ from progan.schedule import batch_shares, build_phases, share_weights
 from progan.phase_training import wrap_for_phase
 from progan.run_state import build_networks
 from cluster.local import TRAIN_SLOT
-from progan.trainer import build_trainer
+from progan.train_loop import build_trainer
 from progan.training_step import resolution_scale_for
 
 from conftest import read_jsonl, tiny_config
