@@ -84,14 +84,16 @@ def main(argv: list[str] | None = None) -> dict:
     add_width_args(p)
     p.add_argument("--json", action="store_true", help="print only the JSON line (the default)")
     args = p.parse_args(argv)
+    from cluster.local import keep_ray_on_loopback
+
+    keep_ray_on_loopback()  # before Ray is first imported, just below
     import ray
 
-    ray.init(address="local", num_cpus=cores(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
+    from data_pipeline.runtime import ray_session
+
+    with ray_session():  # one local node with this machine's CPUs, on 127.0.0.1
         task = ray.remote(num_cpus=cores())(_measure)
         measured = ray.get(task.remote(args.resolution, args.batch, args.steps, args.updates, widths(args), str(REPO)))
-    finally:
-        ray.shutdown()
     metrics_us = round(measured["observe_step_us"] + measured["observe_stats_us"], 1)
     result = {"bench": "metrics_overhead", "resolution": args.resolution, "batch": args.batch, **widths(args),
               "steps": args.steps, **measured, "metrics_us": metrics_us,
