@@ -488,8 +488,7 @@ def report(run_dir: Path | storage.RemotePath, metrics: dict) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_cli("", lambda: launch(args))
+    return run_cli("", lambda: launch(parse_args(argv)))
 
 
 if __name__ == "__main__":

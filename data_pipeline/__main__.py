@@ -76,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_cli(PROG, lambda: run(args), interrupted="interrupted; run the same command again to resume")
+    return run_cli(PROG, lambda: run(parse_args(argv)), interrupted="interrupted; run the same command again to resume")
 
 
 def summary_line(manifest: dict, output: str, seconds: float) -> str:

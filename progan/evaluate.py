@@ -316,8 +316,7 @@ def evaluate_and_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_cli(PROG, lambda: evaluate_and_report(args))
+    return run_cli(PROG, lambda: evaluate_and_report(parse_args(argv)))
 
 
 if __name__ == "__main__":

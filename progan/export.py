@@ -187,8 +187,7 @@ def export_and_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_cli(PROG, lambda: export_and_report(args))
+    return run_cli(PROG, lambda: export_and_report(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -272,8 +272,7 @@ def generate_and_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_cli(PROG, lambda: generate_and_report(args))
+    return run_cli(PROG, lambda: generate_and_report(parse_args(argv)))
 
 
 if __name__ == "__main__":

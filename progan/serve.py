@@ -170,8 +170,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_cli(PROG, lambda: serve(args))
+    return run_cli(PROG, lambda: serve(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -64,8 +64,7 @@ def summarize_both(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_cli(PROG, lambda: summarize_both(args))
+    return run_cli(PROG, lambda: summarize_both(parse_args(argv)))
 
 
 if __name__ == "__main__":
