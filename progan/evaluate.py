@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.errors import OneLineParser, UserError, run_cli
-from progan.trained import load_trained_generator, pick_device
+from progan.trained import add_generator_args, load_trained_generator, pick_device
 
 PROG = "python -m progan.evaluate"
 METRICS = ("swd", "fid")
@@ -51,14 +51,14 @@ PAPER_NUM_IMAGES = {"swd": 16384, "fid": 50000}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog=PROG, description="SWD / FID of a checkpoint's EMA generator against real face shards.",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint_* folder or checkpoint.pt")
+    add_generator_args(p, "--checkpoint")
     p.add_argument("--data", required=True, help="face shards folder (with manifest.json) made by python -m data_pipeline")
     p.add_argument("--metric", action="append", choices=METRICS, help="swd (default) and/or fid; repeat for both")
     p.add_argument("--num-images", type=int, help="images per set (default: 16384 for swd, 50000 for fid, the paper's)")
     p.add_argument("--seed", type=int, default=0, help="seed for latents, real image order and the metrics' sampling")
     p.add_argument("--json", action="store_true", help="print each result as one JSON line instead of a table")
     p.add_argument("--inception-weights", help="torch-fidelity's InceptionV3 weights file (needed for fid)")
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    add_generator_args(p, "--device")
     args = p.parse_args(argv)
     args.metric = list(dict.fromkeys(args.metric or ["swd"]))  # in the order given, each once
     return args

@@ -38,7 +38,7 @@ from data_pipeline.errors import OneLineParser, UserError, run_cli
 from progan.generate import check_output_file, seeded_latents
 from progan.layers import LeakyReLU
 from progan.networks import Generator
-from progan.trained import TrainedGenerator, load_trained_generator
+from progan.trained import TrainedGenerator, add_generator_args, load_trained_generator
 
 PROG = "python -m progan.export"
 FORMATS = ("torchscript", "onnx")
@@ -153,11 +153,10 @@ def check_export(fmt: str, trained: TrainedGenerator, meta: dict, path: Path) ->
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog=PROG, description="A checkpoint's generator as a standalone TorchScript or ONNX file.",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint_* folder or checkpoint.pt")
+    add_generator_args(p, "--checkpoint")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, type=Path, help="the file to write")
-    p.add_argument("--resolution", type=int, help="a resolution the run has trained (default: the checkpoint's)")
-    p.add_argument("--raw", action="store_true", help="the trained G's weights instead of the EMA's")
+    add_generator_args(p, "--resolution", "--raw")
     return p.parse_args(argv)
 
 

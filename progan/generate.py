@@ -48,7 +48,7 @@ from PIL import Image
 from data_pipeline.errors import OneLineParser, UserError, run_cli
 from data_pipeline.storage import atomic_path
 from progan.samples import fixed_latents, grid_image
-from progan.trained import TrainedGenerator, load_trained_generator, pick_device
+from progan.trained import TrainedGenerator, add_generator_args, load_trained_generator, pick_device
 
 PROG = "python -m progan.generate"
 BATCH = 32                  # latents per forward pass
@@ -154,18 +154,17 @@ def save_gif(frames: list[Image.Image], path: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog=PROG, description="Images, grids and latent walks from a trained checkpoint.",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint_* folder or checkpoint.pt")
+    add_generator_args(p, "--checkpoint")
     p.add_argument("--num", type=int, help="images in the grid (default 64); with --interpolate: keyframes (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
     p.add_argument("--out", type=Path, help="grid .png; with --interpolate: walk .gif or a .png strip")
     p.add_argument("--single", type=Path, metavar="DIR", help="also (or instead) one PNG per image into DIR")
-    p.add_argument("--resolution", type=int, help="a resolution the run has trained (default: the checkpoint's)")
+    add_generator_args(p, "--resolution")
     p.add_argument("--interpolate", action="store_true", help="a looping latent-space walk instead of a grid")
     p.add_argument("--frames", type=int, default=60, help="frames of the walk (default 60)")
     p.add_argument("--truncation", type=float, default=1.0, metavar="PSI",
                    help="pull first-block features toward their mean: 1 = off (default), 0 = the average face")
-    p.add_argument("--raw", action="store_true", help="the trained G's weights instead of the EMA's")
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    add_generator_args(p, "--raw", "--device")
     return p.parse_args(argv)
 
 

@@ -29,7 +29,7 @@ from data_pipeline.errors import OneLineParser, UserError, check_port_free, run_
 from progan.generate import (MAX_SEED, grid_columns, pixels_image, render, seeded_latents,
                              slerp)
 from progan.samples import grid_image
-from progan.trained import TrainedGenerator, load_trained_generator, pick_device
+from progan.trained import TrainedGenerator, add_generator_args, load_trained_generator, pick_device
 
 PROG = "python -m progan.serve"
 STATIC = Path(__file__).with_name("static")
@@ -149,11 +149,10 @@ def create_app(studio: Studio):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog=PROG, description="A web page to look at a checkpoint's generator.",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint_* folder or checkpoint.pt")
+    add_generator_args(p, "--checkpoint")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--raw", action="store_true", help="the trained G's weights instead of the EMA's")
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    add_generator_args(p, "--raw", "--device")
     return p.parse_args(argv)
 
 

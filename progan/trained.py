@@ -5,6 +5,7 @@ Knows nothing of Ray or of the training loop: it reads the plain-dict checkpoint
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,21 @@ class TrainedGenerator:
         self.check_resolution(resolution)
         device = next(self.generator.parameters()).device
         return self.generator(latents.to(device), resolution, self.alpha_at(resolution))
+
+
+# The command-line arguments of the tools that load a trained generator (evaluate, generate,
+# export, serve): the same meaning and help in each
+GENERATOR_ARGS = {
+    "--checkpoint": {"required": True, "help": "run folder, checkpoint_* folder or checkpoint.pt"},
+    "--resolution": {"type": int, "help": "a resolution the run has trained (default: the checkpoint's)"},
+    "--raw": {"action": "store_true", "help": "the trained G's weights instead of the EMA's"},
+    "--device": {"default": "auto", "help": "auto (a GPU when there is one), cpu, cuda or cuda:N"},
+}
+
+
+def add_generator_args(parser: argparse.ArgumentParser, *flags: str) -> None:
+    for flag in flags:
+        parser.add_argument(flag, **GENERATOR_ARGS[flag])
 
 
 def pick_device(name: str = "auto") -> torch.device:
