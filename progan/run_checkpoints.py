@@ -44,16 +44,16 @@ class RunCheckpoints:
             self.run.seed_rank(self.rank)
             self.log.event("start", world_size=self.world, kimg=0.0)
             return None
+        local = isinstance(self.run_dir, Path)  # older checkpoints to fall back on: in a local run folder only
         with checkpoint.as_directory() as directory:
-            # older checkpoints to fall back on are looked for in a local run folder only
-            older_in = self.run_dir if isinstance(self.run_dir, Path) else directory
+            older_in = self.run_dir if local else directory
             state, used, skipped = load_usable_checkpoint(directory, older_in, dataclasses.asdict(self.run.cfg.model))
         for reason in skipped:  # a checkpoint cut short or damaged: the run goes on from an older one
             self.log.event("checkpoint_unusable", reason=reason, resumed_from=used.name,
                            kimg=state["images_seen"] / 1000)
         if not skipped:
             self.restored = checkpoint
-        elif older_in != directory:
+        elif local:
             self.restored = ray.train.Checkpoint(str(used))
         self.rollbacks = self.restored.get_metadata().get("nan_rollbacks", 0) if self.restored else 0
         saved = self.run.load(state, self.rank, self.world)
