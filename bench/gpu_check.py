@@ -14,7 +14,7 @@ entry points, so it follows the training loop's internals as they change:
   paper's widths (fmap_base 8192, fmap_max 512, latent 512) at 64x64 and 128x128, fp32 and bf16
   (`model.precision=...` on the command line); images/s is the median of stats.jsonl's
   img_per_s after the first stats line (warm-up: cuDNN's autotuning, the first allocations);
-- resume: `launch.py --resume` of the first run with half its steps added to total_kimg
+- resume: `launch.py --resume` of the first finished run with half its steps added to total_kimg
   (--override-config): it must go on from the saved kimg with the next step;
 - evaluate: `python -m progan.evaluate --json` (SWD) of the last 128x128 run's checkpoint,
   images/s = the real and generated images scored / seconds;
@@ -241,19 +241,18 @@ def check_train(ctx: Context, resolution: int, precision: str) -> dict:
 
 
 def check_resume(ctx: Context) -> dict:
-    """The first run, resumed with half its steps more: from its saved kimg, with the next step
-    (the first stats line after it is `log_every` steps on from the last one before)."""
-    resolution = min(ctx.sizes.resolutions)
-    run = ctx.runs.get((resolution, "fp32"))
-    if run is None:
-        raise CheckFailed(f"no finished {resolution}x{resolution} fp32 run to resume")
+    """The first run that finished, resumed with half its steps more: from its saved kimg, with the
+    next step (the first stats line after it is `log_every` steps on from the last one before)."""
+    if not ctx.runs:
+        raise CheckFailed("no finished run to resume")
+    run = next(iter(ctx.runs.values()))
     before = read_jsonl(run / "stats.jsonl")
     total = 1.5 * ctx.sizes.steps * ctx.sizes.batch / 1000
     seconds = run_logged(launch_args(ctx, "--resume", str(run), "--override-config", f"schedule.total_kimg={total}"),
                          ctx.work / "resume.log", ctx.budget.limit(ctx.sizes.train_limit_s))
     resumes = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "resume"]
     after = read_jsonl(run / "stats.jsonl")[len(before):]
-    result = {"resumed_at_kimg": resumes[-1]["kimg"] if resumes else None, "saved_kimg": before[-1]["kimg"],
+    result = {"run": run.name, "resumed_at_kimg": resumes[-1]["kimg"] if resumes else None, "saved_kimg": before[-1]["kimg"],
               "first_step_after": after[0]["step"] if after else None, "last_step_before": before[-1]["step"],
               **throughput(after), "seconds": round(seconds, 1)}
     if result["resumed_at_kimg"] != result["saved_kimg"] \
