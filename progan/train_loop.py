@@ -71,6 +71,39 @@ def log_workers(log: RunLog, rank: int, world: int) -> None:
     log.event("workers", world_size=world, workers=workers)
 
 
+class NonFiniteGuard:
+    """NaN/Inf losses: marked on the training device at every step without waiting for the step
+    to finish there (no host synchronisation per step), and checked across ranks by one small
+    all-reduce every `monitoring.log_every_steps` steps and before each checkpoint, so a NaN is
+    caught at most that many steps late and never checkpointed."""
+
+    def __init__(self, callback: Callback, checkpoints: RunCheckpoints, metrics: TrainingMetrics, log: RunLog):
+        self.callback, self.checkpoints, self.metrics, self.log = callback, checkpoints, metrics, log
+        self.mark: torch.Tensor | None = None
+
+    def note(self, stats: dict, kimg: float) -> None:
+        losses = self.callback.on_losses(torch.stack([stats["loss_d"], stats["loss_g"]]).float(),
+                                         kimg, self.checkpoints.resumed)
+        bad = ~torch.isfinite(losses).all()
+        self.mark = bad if self.mark is None else self.mark | bad
+
+    def check(self, kimg: float) -> None:
+        """A NaN/Inf loss on any rank since the last check fails this attempt on every rank at the
+        same step, so Ray Train restarts the workers from the last good checkpoint."""
+        mark, self.mark = self.mark, None
+        bad = torch.zeros(1) if mark is None else mark.float().reshape(1).cpu()
+        dist.all_reduce(bad)
+        if bad.item() == 0:
+            return
+        self.metrics.count_rollback()
+        if self.checkpoints.rank == 0:
+            self.checkpoints.count_rollback()
+        dist.barrier()  # the count is stored before any rank's failure ends the attempt
+        back_to = self.checkpoints.images / 1000
+        self.log.event("nan_rollback", kimg=kimg, checkpoint_kimg=back_to)
+        raise FloatingPointError(f"non-finite loss at kimg {kimg:.3f}: rolling back to the checkpoint at kimg {back_to:.3f}")
+
+
 class Trainer:
     """One worker's run: restore, then phase after phase of steps, with stats and checkpoints."""
 
@@ -89,7 +122,7 @@ class Trainer:
         self.checkpoints = RunCheckpoints(self.run, self.run_dir, self.rank, self.world, self.log)
         self.loss = make_loss(**dataclasses.asdict(self.cfg.loss))
         self.training: PhaseTraining | None = None
-        self.nonfinite_mark: torch.Tensor | None = None  # see _note_nonfinite
+        self.nonfinite = NonFiniteGuard(self.callback, self.checkpoints, self.metrics, self.log)
         self.stop_requested = False
         self.last_stats: dict = {}
         # the repeated-error policy is asked before restoring too: the error may be the restore's
@@ -129,7 +162,7 @@ class Trainer:
             self._train_one_step(phase, reals, data_wait=time.perf_counter() - waiting_since)
             phase_done = self.run.images_seen >= round(phase.end_kimg * 1000)
             if phase_done or self.stop_requested or self.checkpoints.due():
-                self._stop_if_nonfinite()  # never save weights a NaN has reached
+                self.nonfinite.check(self.run.kimg)  # never save weights a NaN has reached
                 self._checkpoint(1.0 if phase_done else phase.alpha(self.run.kimg))
                 self.callback.after_checkpoint(self.run.kimg, self.checkpoints.resumed)
             if phase_done and self.rank == 0:
@@ -146,7 +179,7 @@ class Trainer:
         stats = train_step(t.G_ddp, t.D_ddp, run.D, t.opt_g, t.opt_d, self.loss, fade_reals(reals, alpha),
                            phase.resolution, alpha, self.cfg.model.latent_size, loss_weight=t.loss_weight,
                            precision=self.cfg.model.precision)
-        self._note_nonfinite(stats)
+        self.nonfinite.note(stats, run.kimg)
         o = self.cfg.optimizer
         update_ema(run.G_ema, run.G, ema_beta(t.global_batch, o.ema_beta, o.ema_half_life_kimg))
         run.images_seen += t.global_batch
@@ -156,7 +189,7 @@ class Trainer:
         self.window_images += t.global_batch
         self.window_wait += data_wait
         if run.step % self.cfg.monitoring.log_every_steps == 0:
-            self._stop_if_nonfinite()
+            self.nonfinite.check(run.kimg)
             elapsed = max(time.perf_counter() - self.window_start, 1e-9)
             self.last_stats = self._log_stats(stats, alpha, self.window_images / elapsed, self.window_wait / elapsed)
             self._reset_window()
@@ -164,35 +197,6 @@ class Trainer:
     def _reset_window(self) -> None:
         """Throughput and data-wait share are measured over the steps between two stats lines."""
         self.window_start, self.window_images, self.window_wait = time.perf_counter(), 0, 0.0
-
-    # ---------------------------------------------------------------- non-finite losses
-
-    def _note_nonfinite(self, stats: dict) -> None:
-        """Marks a NaN/Inf loss on the training device without waiting for the step to finish
-        there (no host synchronisation per step); _stop_if_nonfinite reads the mark."""
-        losses = self.callback.on_losses(torch.stack([stats["loss_d"], stats["loss_g"]]).float(),
-                                         self.run.kimg, self.checkpoints.resumed)
-        bad = ~torch.isfinite(losses).all()
-        self.nonfinite_mark = bad if self.nonfinite_mark is None else self.nonfinite_mark | bad
-
-    def _stop_if_nonfinite(self) -> None:
-        """A NaN/Inf loss on any rank since the last look fails this attempt on every rank at the
-        same step, so Ray Train restarts the workers from the last good checkpoint. One small
-        all-reduce (and host sync) every `monitoring.log_every_steps` steps and before each
-        checkpoint: a NaN is caught at most that many steps late and never checkpointed."""
-        mark, self.nonfinite_mark = self.nonfinite_mark, None
-        bad = torch.zeros(1) if mark is None else mark.float().reshape(1).cpu()
-        dist.all_reduce(bad)
-        if bad.item() == 0:
-            return
-        self.metrics.count_rollback()
-        if self.rank == 0:
-            self.checkpoints.count_rollback()
-        dist.barrier()  # the count is stored before any rank's failure ends the attempt
-        back_to = self.checkpoints.images / 1000
-        self.log.event("nan_rollback", kimg=self.run.kimg, checkpoint_kimg=back_to)
-        raise FloatingPointError(f"non-finite loss at kimg {self.run.kimg:.3f}: rolling back to the checkpoint "
-                                 f"at kimg {back_to:.3f}")
 
     # ---------------------------------------------------------------- stats, checkpoints, SWD
 
