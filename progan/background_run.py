@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from progan.train_loop import STOP_FILE
+from progan.run_log import STOP_FILE
 
 
 class BackgroundRun:
