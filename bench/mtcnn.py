@@ -14,7 +14,8 @@ one single-threaded detector actor per CPU). The variants, each one change from 
   actor runs;
 - pipeline_unbatched: the pipeline's detector, one photo at a time (what batching adds to it).
 All are warmed up first (oneDNN builds its kernels per input shape), then timed one work unit of
-photos at a time, variant after variant, so that load from other jobs hits all alike; a round
+photos at a time, variant after variant, each going first in turn, so that load from other jobs
+and the cost of first touching a unit's photos hit all alike; a round
 covers all photos and each variant's median round counts. `<variant>_images_per_s` = photos /
 seconds, `<variant>_speedup` = plain's seconds / the variant's. Quality against plain, per variant:
 `<variant>_agreement` is the share of photos that both keep or both reject at --min-prob (the
@@ -88,12 +89,13 @@ def variants(settings: FaceSettings) -> dict:
 def time_interleaved(detectors: dict, images: list, rounds: int) -> tuple[dict, dict]:
     """Seconds per round for each variant, taking turns unit by unit; the last round's detections."""
     times = {name: [] for name in detectors}
-    found: dict[str, list] = {}
+    names, found, turn = list(detectors), {}, 0
     for _ in range(rounds):
         seconds, found = dict.fromkeys(detectors, 0.0), {name: [] for name in detectors}
         for start in range(0, len(images), DETECT_BATCH):
-            unit = images[start:start + DETECT_BATCH]
-            for name, (mtcnn, detect) in detectors.items():
+            unit, turn = images[start:start + DETECT_BATCH], turn + 1
+            for name in names[turn % len(names):] + names[:turn % len(names)]:  # each goes first in turn
+                mtcnn, detect = detectors[name]
                 started = time.perf_counter()
                 found[name] += detect(mtcnn, unit)
                 seconds[name] += time.perf_counter() - started

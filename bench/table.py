@@ -13,8 +13,12 @@ def _pct(fraction) -> str:
     return "n/a" if fraction is None else f"{100 * fraction:.0f}%"
 
 
+NETS = {(1024, 512, 8192, 512): "paper", (32, 128, 512, 128): "demo"}  # configs/paper_celeba, demo.yaml
+
+
 def _nets(r: dict) -> str:
-    return "paper" if r.get("fmap_max", 512) == 512 else f"fmap_max {r['fmap_max']}"
+    widths = (r["max_resolution"], r["latent_size"], r["fmap_base"], r["fmap_max"])
+    return NETS.get(widths, "max_resolution {}, latent {}, fmap_base {}, fmap_max {}".format(*widths))
 
 
 def train_step(r: dict) -> tuple[str, str]:

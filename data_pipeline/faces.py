@@ -174,18 +174,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def build_detector(settings: FaceSettings, device: str = "cpu") -> MTCNN:
-    """MTCNN set up for throughput on CPU.
-
-    Batching equal-size photos alone gains little (1.1-1.5x on the 89x109 CelebA crops, on one
-    thread): most CPU time goes to MTCNN's second and third networks, which run once per
-    candidate box however the photos are batched. With small batches (DETECT_BATCH), two changes
-    make up the rest (bench/mtcnn.py: 3.5-4.6x on a loaded 2-core machine):
-    - channels-last weights: NHWC convolutions and max-pooling run about twice as fast as NCHW
-      for these small networks, with the same boxes;
+    """MTCNN set up for throughput on CPU. Besides batching equal-size photos (detect_in_size_groups;
+    it helps only where photos share a size, and MTCNN's second and third networks run once per
+    candidate box however the photos are batched), two changes:
+    - channels-last weights: NHWC convolutions and max-pooling run faster than NCHW for these
+      small networks, with the same boxes;
     - a coarser image pyramid (factor 0.6 instead of 0.709): fewer scales, so fewer candidate
-      boxes. On the 466 half-size CelebA crops the keep/reject decisions at 0.95 match the
-      default detector's on 465 (the other scored 0.943 by default, 0.950 here), the wild photos
-      keep all their faces, and the bench reports this agreement on every run.
+      boxes, and keep/reject decisions that differ from the default detector's on very few photos.
+    bench/mtcnn.py measures what each gives and the agreement with the default detector; the
+    figures are in the README's Benchmarks section.
     """
     mtcnn = MTCNN(keep_all=True, device=torch.device(device), **settings.detector_options())
     for network in (mtcnn.pnet, mtcnn.rnet, mtcnn.onet):
