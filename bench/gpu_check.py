@@ -189,7 +189,19 @@ def write_config(ctx: Context, resolution: int) -> Path:
     }
     path = ctx.work / f"config{resolution}.yaml"
     path.write_text(yaml.safe_dump(config))
+    check_single_phase(path, resolution, s.batch, s.steps)
     return path
+
+
+def check_single_phase(path: Path, resolution: int, batch: int, steps: int) -> None:
+    """The config trains only at `resolution` (one stable phase, no growth) for `steps` steps of
+    `batch`: what the images/s of the run are figures of."""
+    from progan.config import load_config
+    from progan.schedule import build_phases
+
+    phases = [(p.resolution, p.fading, p.batch, round(p.end_kimg * 1000)) for p in build_phases(load_config(path))]
+    if phases != [(resolution, False, batch, steps * batch)]:
+        raise RuntimeError(f"{path}: phases {phases}, expected one stable phase at {resolution}x{resolution}")
 
 
 def launch_args(ctx: Context, *extra: str) -> list[str]:
