@@ -10,10 +10,12 @@ network address instead of 127.0.0.1.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
 from pathlib import Path
+from typing import Iterator
 
 from data_pipeline.errors import UserError
 
@@ -100,6 +102,22 @@ def check_gpus_for_nodes(nodes: int, use_gpu: bool | None) -> None:
                         f"(one GPU per node) or add cluster.use_gpu=false to train on the CPUs")
 
 
+@contextlib.contextmanager
+def temporary_environ(values: dict[str, str]) -> Iterator[None]:
+    """Sets environment variables for the processes started inside the block, then puts back
+    what was there before (unset ones are unset again)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class LocalCluster:
     """Context manager: starts the head (with the dashboard on 127.0.0.1) and N-1 worker nodes,
     connects this process as the driver, and tears everything down on exit."""
@@ -147,17 +165,10 @@ class LocalCluster:
                 "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port}
         if self.system_config:
             head["_system_config"] = self.system_config
-        saved = {key: os.environ.get(key) for key in METRIC_PORT_VARIABLES} if self.free_metric_ports else {}
-        try:
-            for key in saved:  # read by the head's dashboard and autoscaler processes as they start
-                os.environ[key] = str(free_port())
+        # read by the head's dashboard and autoscaler processes as they start
+        ports = {key: str(free_port()) for key in METRIC_PORT_VARIABLES} if self.free_metric_ports else {}
+        with temporary_environ(ports):
             self.cluster = Cluster(initialize_head=True, head_node_args=head)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
         for _ in range(self.nodes - 1):
             self.cluster.add_node(**self._node_args())
         context = ray.init(address=self.cluster.address, logging_level="WARNING", log_to_driver=self.log_to_driver)

@@ -286,25 +286,16 @@ def cluster(request, prometheus):
     ports, so every target is this cluster's."""
     from ray.cloudpickle import register_pickle_by_value
 
-    from cluster.local import LocalCluster
+    from cluster.local import LocalCluster, temporary_environ
 
     register_pickle_by_value(request.module)  # workers cannot import the tests folder
-    env = TRAIN_ENV | ray_dashboard_env(prometheus[0], None)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
     started = time.time()
-    try:
-        with LocalCluster(CLUSTER_NODES, dashboard_port=free_port(), include_dashboard=True,
-                          system_config={"metrics_report_interval_ms": REPORT_INTERVAL_MS},
-                          free_metric_ports=True) as local:
-            local.up_s = time.time() - started
-            yield local
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with temporary_environ(TRAIN_ENV | ray_dashboard_env(prometheus[0], None)), \
+            LocalCluster(CLUSTER_NODES, dashboard_port=free_port(), include_dashboard=True,
+                         system_config={"metrics_report_interval_ms": REPORT_INTERVAL_MS},
+                         free_metric_ports=True) as local:
+        local.up_s = time.time() - started
+        yield local
 
 
 def _wait_for_data(api: dash.PrometheusAPI, training: BackgroundRun, fit_started: float, seen: dict) -> None:
