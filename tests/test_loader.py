@@ -19,6 +19,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from data_pipeline.errors import UserError
 from data_pipeline.loader import (LOADER_CHUNK, BatchReader, FaceStream, count_images, rank_slices, shard_list,
                                   to_training_range)
 from data_pipeline.manifest import FORMAT_VERSION, MANIFEST_NAME, stored_resolution, write_json
@@ -141,10 +142,10 @@ def fingerprints(images) -> list[str]:
 
 
 def test_a_folder_without_a_complete_manifest_is_refused(shard_dir, tmp_path):
-    with pytest.raises(ValueError, match="no complete face shards"):
+    with pytest.raises(UserError, match="no complete face shards"):
         FaceStream(str(tmp_path), 0, 1, seed=0, shuffle_buffer=8)
     (tmp_path / MANIFEST_NAME).write_text((shard_dir / MANIFEST_NAME).read_text())  # shards missing
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(UserError) as refused:
         FaceStream(str(tmp_path), 0, 1, seed=0, shuffle_buffer=8)
     assert "\n" not in str(refused.value)
 
