@@ -7,7 +7,7 @@ mirrored, as training sees them), real-vs-real is SWD(A, B) and generated-vs-rea
 SWD(|A| generated images, A). Both are averaged over `--splits` splits (a new shuffle, new latents
 and new SWD directions each). The ratio of the two averages is the goal's measure (<= 1.5).
 
-    python -m bench.demo_quality --run runs/<run> [--splits 8] [--raw] [--json]
+    python -m bench.demo_quality --run runs/<run> [--splits 32] [--raw] [--json]
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a run folder with data/ and a checkpoint")
-    parser.add_argument("--splits", type=int, default=8)
+    parser.add_argument("--splits", type=int, default=32)
     parser.add_argument("--raw", action="store_true", help="the trained G instead of the EMA")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
