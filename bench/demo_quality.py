@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from data_pipeline.errors import OneLineParser, run_cli
+from data_pipeline.errors import OneLineParser, UserError, run_cli
 from data_pipeline.loader import FaceStream, count_images, mirror_randomly, to_training_range
 from progan.metrics.swd import sliced_wasserstein_distance, to_uint8
 from progan.trained import load_trained_generator
@@ -31,9 +31,13 @@ def real_crops(shard_dir: str, resolution: int) -> torch.Tensor:
 
 
 def measure(run: str, splits: int, raw: bool) -> dict:
+    if splits < 1:
+        raise UserError(f"--splits must be at least 1, not {splits}")
     trained = load_trained_generator(run, raw=raw)
     reals = real_crops(f"{run}/data", trained.resolution)
     half = reals.shape[0] // 2
+    if half < 2:
+        raise UserError(f"{run}/data: {reals.shape[0]} crops, too few for two halves of at least 2")
     rvr, gvr = [], []
     for split in range(splits):
         rng = torch.Generator().manual_seed(split)
