@@ -7,9 +7,10 @@ import os
 
 import torch
 
-from progan.losses import WGANGP
-from progan.networks import Discriminator, Generator, set_trainable
-from progan.training_step import fade_reals, make_optimizer, memory_format, train_step
+from progan.model.losses import WGANGP
+from progan.model.networks import Discriminator, Generator, set_trainable
+from progan.model.layers import fade_reals
+from progan.training.training_step import make_optimizer, memory_format, train_step
 
 # The paper's Adam (lr, beta1, beta2, eps), as configs/paper_celeba.yaml sets it.
 ADAM = (0.001, 0.0, 0.99, 1e-8)

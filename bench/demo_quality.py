@@ -17,10 +17,10 @@ import sys
 
 import torch
 
-from data_pipeline.errors import OneLineParser, UserError, run_cli
+from base.errors import OneLineParser, UserError, run_cli
 from data_pipeline.loader import FaceStream, count_images, mirror_randomly, to_training_range
 from progan.metrics.swd import sliced_wasserstein_distance, to_uint8
-from progan.trained import load_trained_generator
+from progan.model.trained import load_trained_generator
 
 
 def real_crops(shard_dir: str, resolution: int) -> torch.Tensor:

@@ -15,12 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from progan.config import load_config
+from progan.model.config import load_config
 
 
 def run_once(cfg, shards: str, workers: int, root: Path) -> dict:
     from cluster.local import TRAIN_SLOT
-    from progan.train_loop import build_trainer
+    from progan.training.train_loop import build_trainer
 
     run_dir = root / f"workers{workers}"
     run_dir.mkdir()

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.local import free_port
+from base.ports import free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
 PAPER_WIDTHS = {"latent_size": 512, "fmap_base": 8192, "fmap_max": 512}
@@ -196,8 +196,8 @@ def write_config(ctx: Context, resolution: int) -> Path:
 def check_single_phase(path: Path, resolution: int, batch: int, steps: int) -> None:
     """The config trains only at `resolution` (one stable phase, no growth) for `steps` steps of
     `batch`: what the images/s of the run are figures of."""
-    from progan.config import load_config
-    from progan.schedule import build_phases
+    from progan.model.config import load_config
+    from progan.model.schedule import build_phases
 
     phases = [(p.resolution, p.fading, p.batch, round(p.end_kimg * 1000)) for p in build_phases(load_config(path))]
     if phases != [(resolution, False, batch, steps * batch)]:

@@ -11,7 +11,7 @@ batch (the shuffle buffer's first fill) is not counted. `loader_ms_per_batch`: t
 the time one batch of --batch takes, to set beside a training step's time.
 
 train_step_images_per_s, train_step_ms: one training step at that resolution and batch, as
-bench/common.StepSetup builds it (progan.training_step.train_step, WGAN-GP, Adam; the paper's
+bench/common.StepSetup builds it (progan.training.training_step.train_step, WGAN-GP, Adam; the paper's
 networks unless the width flags say otherwise, the layers above --resolution frozen as in
 training), median of --steps timed steps after one warm-up, with torch using every core, on this
 machine's CPU. Measured after the loader, so the two do not compete.

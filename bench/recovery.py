@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from progan.background_run import BackgroundRun
-from progan.config import load_config
+from progan.training.background_run import BackgroundRun
+from progan.model.config import load_config
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     args = p.parse_args()
     from cluster.local import LocalCluster
     from cluster.local import TRAIN_SLOT
-    from progan.train_loop import build_trainer
+    from progan.training.train_loop import build_trainer
 
     cfg = load_config("configs/demo.yaml", [
         "model.max_resolution=16", "schedule.start_resolution=16", "schedule.total_kimg=1000",

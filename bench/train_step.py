@@ -5,7 +5,7 @@
                                [--max-resolution R] [--latent-size L] [--fmap-base B] [--fmap-max M]
                                [--compare-pro-gan [--peer-path DIR]]
 
-What one step is (ours): `progan.training_step.train_step` with `WGANGP` (lambda 10, drift
+What one step is (ours): `progan.training.training_step.train_step` with `WGANGP` (lambda 10, drift
 0.001) and Adam(lr 0.001, betas (0, 0.99), eps 1e-8) for both networks: a critic step (G
 forward without grad, D on reals, D on fakes, D on the interpolates with the input-gradient
 penalty, backward, Adam) then a generator step (G forward, D with its parameters frozen,

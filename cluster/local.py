@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import socket
-from pathlib import Path
 from typing import Iterator
 
-from data_pipeline.errors import UserError
+from base.errors import UserError
+from base.ports import check_port_free, free_port
 
 CPUS_PER_NODE = 2
 # A custom resource that these nodes carry, one per node: it pins one training worker per node
 # and leaves the node's other CPU to the data pipeline's Ray Data tasks. launch.py passes its
-# name to progan.train_loop.build_trainer for these nodes; cluster/'s configs for real clusters give
+# name to progan.training.train_loop.build_trainer for these nodes; cluster/'s configs for real clusters give
 # their worker nodes one each too.
 TRAIN_SLOT = "trainslot"
 METRIC_PORT_VARIABLES = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
@@ -42,26 +41,6 @@ def keep_ray_on_loopback(address: str | None = None) -> None:
     gcs_server, the raylets and the agents listening on every interface)."""
     if is_loopback(address):
         os.environ[LOOPBACK_VARIABLE] = "0"
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 now, for a server that must be told its port before it starts
-    (Ray's dashboard and exporters, SeaweedFS). Another process may still take it first; a server
-    that can pick its own port and say which (Prometheus: monitoring/prometheus.py) should. It is
-    drawn between Ray's worker ports (10002-19999) and the kernel's ephemeral range, from which the
-    kernel numbers outgoing connections, so only another explicit bind can take it meanwhile."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for port in random.sample(range(20000, low), min(low - 20000, 200)):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError(f"no free port on 127.0.0.1 between 20000 and {low}")
 
 
 def local_gpu_count() -> int:
@@ -100,6 +79,30 @@ def check_gpus_for_nodes(nodes: int, use_gpu: bool | None) -> None:
         raise UserError(f"--nodes {nodes}: this machine has {gpus} GPU{'s' * (gpus > 1)}, fewer than the nodes, "
                         f"so no node would get one and training would run on the CPUs; pass --nodes {gpus} "
                         f"(one GPU per node) or add cluster.use_gpu=false to train on the CPUs")
+
+
+def check_address(address: str) -> None:
+    """A cluster to join must answer at HOST:PORT within seconds (Ray itself would wait minutes)."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address}: expected 'auto' or HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
+                         f"start one with `ray start --head`, or leave out --address for a local one")
+
+
+def check_cluster(address: str | None, nodes: int, use_gpu: bool | None, dashboard_port: int) -> None:
+    """Before Ray starts: a cluster to join answers, or local nodes can get their dashboard port
+    and, when they are to use GPUs, a GPU each."""
+    if address:
+        check_address(address)
+    else:
+        check_port_free("--dashboard-port", dashboard_port)
+        check_gpus_for_nodes(nodes, use_gpu)
 
 
 @contextlib.contextmanager
@@ -156,6 +159,11 @@ class LocalCluster:
         # start their own process (checked: those stayed idle), and starting them takes CPU time
         # just as Train's controller starts
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+        # Ray shows its own RayDeprecationWarnings once per module unless Python's warning options
+        # are set (ray.util.annotations); the one it printed at every start came from Train's own
+        # state export (ExecutionOptions.exclude_resources), nothing a user can act on. Python's
+        # default filter, stated, leaves them to the defaults: hidden outside __main__.
+        os.environ.setdefault("PYTHONWARNINGS", "default::DeprecationWarning:__main__")
         if self.include_dashboard:
             os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs in the dashboard
         import ray
@@ -194,3 +202,24 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None, nodes: int, log_to_driver: bool = True, **local_args):
+    """Joins the cluster at `address` ("auto": the running one), or starts `nodes` LocalCluster
+    nodes (nothing beyond 127.0.0.1; `local_args` go to LocalCluster). Yields (the dashboard's
+    URL or "", whether the nodes were started here); shuts down or disconnects at the end."""
+    import ray
+
+    if address:
+        try:
+            context = ray.init(address=address, logging_level="WARNING", log_to_driver=log_to_driver)
+        except ConnectionError as exc:
+            raise UserError(f"--address {address}: {str(exc).splitlines()[0]}")
+        try:
+            yield (f"http://{context.dashboard_url}" if context.dashboard_url else ""), False
+        finally:
+            ray.shutdown()
+        return
+    with LocalCluster(nodes, log_to_driver=log_to_driver, **local_args) as local:
+        yield local.dashboard_url, True

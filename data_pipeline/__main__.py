@@ -23,7 +23,7 @@ import time
 
 from cluster.local import keep_ray_on_loopback
 from data_pipeline.config import IMAGE_FORMATS, PrepareConfig
-from data_pipeline.errors import OneLineParser, UserError, run_cli
+from base.errors import OneLineParser, UserError, run_cli
 from data_pipeline.manifest import check_same_settings, ensure_writable_folder, read_manifest
 from data_pipeline.sources import check_inputs_exist, list_sources
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.errors import UserError
+from base.errors import UserError
 
 IMAGE_FORMATS = ("png", "jpg")
 

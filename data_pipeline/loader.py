@@ -19,7 +19,7 @@ follow the new world size. The stream never ends (pass follows pass, the image c
 when training stops), so no rank runs dry before another and DDP never waits on an epoch's end.
 
 Where the shards are: a folder every node can read, or an object store (s3://bucket/prefix, through
-fsspec: data_pipeline.storage); either way each rank streams its own shards, block by block.
+fsspec: base.storage); either way each rank streams its own shards, block by block.
 
 What is decoded: only each sample's image member, of the format the manifest names, by PIL's
 decoder for that format alone. webdataset's own decoders are never used: they unpickle members
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
-from data_pipeline import storage
+from base import storage
 from data_pipeline.manifest import require_manifest
 
 log = logging.getLogger(__name__)

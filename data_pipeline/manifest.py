@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from data_pipeline import storage
-from data_pipeline.errors import UserError
-from data_pipeline.storage import atomic_path
+from base import storage
+from base.errors import UserError
+from base.storage import atomic_path
 
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
@@ -122,3 +122,62 @@ def ensure_writable_folder(folder: str) -> None:
     if reason:
         kind = "output" if storage.is_remote(folder) else "output folder"
         raise UserError(f"cannot write to {kind} {folder}: {reason}")
+
+
+# ---------------------------------------------------------------- shards a training run can use
+
+def check_face_count(shards: Path | str, workers: int, label: str) -> None:
+    """Every training worker needs faces: too few stop here, in one line, not in restarting workers.
+    `label`: how the user named the data (--data's value), for the message."""
+    manifest = require_manifest(shards)
+    faces = sum(shard["samples"] for shard in manifest["shards"])
+    if faces >= workers:
+        return
+    counts = manifest["counts"]
+    rejected = ", ".join(f"{name} {n}" for name, n in counts.items() if name not in ("files_seen", "faces_kept") and n)
+    found = f"{faces} faces in {counts['files_seen']} files ({rejected or 'no rejects'})"
+    if faces == 0:
+        raise UserError(f"--data {label}: no usable face: {found}; give photos that each show a face "
+                         f"(why each file was left out: {storage.join(shards, REJECTS_NAME)})")
+    raise UserError(f"--data {label}: {found}, fewer than the {workers} training workers; "
+                     f"add photos or pass --workers {faces}")
+
+
+def check_shards(path: Path | str, max_resolution: int, workers: int) -> None:
+    """Complete shards, at the model's resolution or above, with a face for every worker."""
+    stored = stored_resolution(str(path))
+    if stored < max_resolution:
+        raise UserError(f"--data {path}: shards hold {stored}x{stored} images but model.max_resolution is "
+                         f"{max_resolution}; make shards at >= {max_resolution} or lower it")
+    check_face_count(path, workers, str(path))
+
+
+def check_remote_shards(url: str, max_resolution: int, workers: int) -> str:
+    """Shards on object storage (raw photos there are not supported: prepare them first)."""
+    try:
+        found = storage.exists(storage.join(url, MANIFEST_NAME))
+    except Exception as exc:  # no credentials, no such endpoint: one line, not a traceback
+        raise UserError(f"--data {url}: cannot read it ({storage.describe_error(exc)})")
+    if not found:
+        raise UserError(f"--data {url}: no {MANIFEST_NAME} there; on object storage --data must be face shards: "
+                         f"python -m data_pipeline --input PHOTOS --output {url}")
+    check_shards(url, max_resolution, workers)
+    return url
+
+
+def check_training_data(data: str, max_resolution: int, workers: int) -> tuple[Path | str, bool]:
+    """(path, is_shards) for a training run's --data: a shards folder or URL is used as is (after
+    the checks above), a folder of photos goes through the pipeline first."""
+    from data_pipeline.sources import IMAGE_SUFFIXES
+
+    if storage.is_remote(data):
+        return check_remote_shards(data, max_resolution, workers), True
+    path = Path(data)
+    if not path.is_dir():
+        raise UserError(f"--data {path}: no such folder")
+    if (path / MANIFEST_NAME).is_file():
+        check_shards(path, max_resolution, workers)
+        return path, True
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
+        raise UserError(f"--data {path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return path, False

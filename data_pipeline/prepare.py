@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from data_pipeline.config import PrepareConfig
 from data_pipeline.faces import DETECT_BATCH, FaceDetector, FaceSettings, PhotoResult, describe
-from data_pipeline import storage
+from base import storage
 from data_pipeline.manifest import (
     DUPLICATE, FORMAT_VERSION, KEPT, MANIFEST_NAME, REJECTS_NAME, UNREADABLE, Outcome, changed_settings,
     check_same_settings, count_outcomes, read_manifest, write_json, write_rejects,

@@ -10,7 +10,7 @@ from pathlib import Path
 import webdataset as wds
 
 from data_pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, Outcome, write_json
-from data_pipeline.storage import TEMP_SUFFIX, atomic_path
+from base.storage import TEMP_SUFFIX, atomic_path
 
 SHARD_GLOB = "shard-*.tar"
 WORK_DIR_NAME = ".partial"

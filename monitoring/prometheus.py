@@ -31,6 +31,9 @@ from pathlib import Path
 
 import yaml
 
+from base.errors import UserError
+from base.ports import check_port_free
+
 TEMPLATE = Path(__file__).with_name("prometheus.yml")
 DISCOVERY_FILE = "prom_metrics_service_discovery.json"  # what Ray's head writes into its session dir
 TARGETS_LINK = "ray_targets.json"
@@ -104,3 +107,44 @@ def ray_dashboard_env(prometheus_url: str | None, grafana_url: str | None) -> di
     if grafana_url:
         env |= {"RAY_GRAFANA_HOST": grafana_url, "RAY_GRAFANA_IFRAME_HOST": grafana_url}
     return env
+
+
+def check_run_options(port: int | None, grafana_url: str | None) -> None:
+    """launch.py's --prometheus-port and --grafana-url, before anything starts."""
+    if port is not None:
+        check_port_free("--prometheus-port", port)
+    if grafana_url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", grafana_url):
+        raise UserError(f"--grafana-url {grafana_url}: expected a URL such as http://127.0.0.1:3000")
+
+
+@contextlib.contextmanager
+def prometheus_for_run(wanted: bool | None, folder: Path, port: int | None, grafana_url: str | None,
+                       joins_cluster: bool):
+    """If `wanted` (None: when a `prometheus` binary is on PATH), the run's Prometheus, with its
+    data in `folder`, started before Ray: Ray's dashboard reads where it is (and where Grafana is)
+    once, as the head starts. Yields `folder` for scrape_cluster(), or None. Metrics never stop a
+    run: a Prometheus that fails costs one line."""
+    if wanted is None:
+        wanted = bool(shutil.which("prometheus"))
+    url = None
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(run_prometheus(folder, port or 0)) if wanted else None
+        except (OSError, RuntimeError) as exc:
+            print(f"[launch] no Prometheus for this run: {exc}", flush=True)
+        os.environ.update(ray_dashboard_env(url, grafana_url))
+        if url:
+            print(f"[launch] Prometheus: {url} (data in {folder})", flush=True)
+        if url and joins_cluster:
+            print(f"[launch] a dashboard started elsewhere shows it if its head had RAY_PROMETHEUS_HOST={url}")
+        if grafana_url:
+            print(f"[launch] Grafana: {grafana_url.rstrip('/')}/d/progan-training (\"ProGAN training\")")
+        yield folder if url else None
+
+
+def scrape_connected_cluster(data_dir: Path) -> None:
+    """scrape_cluster() for the Ray session this process is connected to (no public Ray API names
+    the session folder)."""
+    import ray
+
+    scrape_cluster(data_dir, ray._private.worker._global_node.get_session_dir_path())

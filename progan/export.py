@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_pipeline.errors import OneLineParser, UserError, run_cli
+from base.errors import OneLineParser, UserError, run_cli
 from progan.generate import check_output_file, seeded_latents
-from progan.layers import LeakyReLU
-from progan.networks import Generator
-from progan.trained import TrainedGenerator, add_generator_args, load_trained_generator
+from progan.model.layers import LeakyReLU
+from progan.model.networks import Generator
+from progan.model.trained import TrainedGenerator, add_generator_args, load_trained_generator
 
 PROG = "python -m progan.export"
 FORMATS = ("torchscript", "onnx")

@@ -45,10 +45,10 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from data_pipeline.errors import OneLineParser, UserError, run_cli
-from data_pipeline.storage import atomic_path
-from progan.samples import fixed_latents, grid_image
-from progan.trained import TrainedGenerator, add_generator_args, load_trained_generator, pick_device
+from base.errors import OneLineParser, UserError, run_cli
+from base.storage import atomic_path
+from progan.model.samples import fixed_latents, grid_image
+from progan.model.trained import TrainedGenerator, add_generator_args, load_trained_generator, pick_device
 
 PROG = "python -m progan.generate"
 BATCH = 32                  # latents per forward pass

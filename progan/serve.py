@@ -25,11 +25,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_pipeline.errors import OneLineParser, UserError, check_port_free, run_cli
+from base.errors import OneLineParser, UserError, run_cli
+from base.ports import check_port_free
 from progan.generate import (MAX_SEED, grid_columns, pixels_image, render, seeded_latents,
                              slerp)
-from progan.samples import grid_image
-from progan.trained import TrainedGenerator, add_generator_args, load_trained_generator, pick_device
+from progan.model.samples import grid_image
+from progan.model.trained import TrainedGenerator, add_generator_args, load_trained_generator, pick_device
 
 PROG = "python -m progan.serve"
 STATIC = Path(__file__).with_name("static")

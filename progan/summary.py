@@ -10,8 +10,8 @@ import sys
 
 from torch import nn
 
-from data_pipeline.errors import OneLineParser, UserError, run_cli
-from progan.networks import Discriminator, Generator, resolutions_up_to
+from base.errors import OneLineParser, UserError, run_cli
+from progan.model.networks import Discriminator, Generator, resolutions_up_to
 
 PROG = "python -m progan.summary"
 

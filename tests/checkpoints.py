@@ -1,7 +1,7 @@
 """Training checkpoints for tests, made without Ray or a training run.
 
-`make_checkpoint(directory)` writes the dict `progan.run_state.RunState.to_checkpoint` makes (config,
-the three networks, progress counters) through `progan.checkpoint.save_checkpoint`, for a network
+`make_checkpoint(directory)` writes the dict `progan.training.run_state.RunState.to_checkpoint` makes (config,
+the three networks, progress counters) through `progan.model.checkpoint.save_checkpoint`, for a network
 small enough for CPU tests. The EMA generator's weights are the trained G's plus noise, so a test
 can tell `--raw` from the default.
 
@@ -21,7 +21,7 @@ TINY_MODEL = ("model.max_resolution=16", "model.latent_size=16", "model.fmap_bas
 
 
 def tiny_model_config(*overrides: str):
-    from progan.config import load_config
+    from progan.model.config import load_config
 
     return load_config(REPO / "configs" / "demo.yaml", [*TINY_MODEL, *overrides])
 
@@ -29,12 +29,12 @@ def tiny_model_config(*overrides: str):
 def make_checkpoint(directory: str | Path, resolution: int = 16, alpha: float = 1.0, cfg=None,
                     seed: int = 0, images_seen: int = 640) -> Path:
     """directory/checkpoint.pt of a run that has reached `resolution` with fade-in `alpha`; returns the file."""
-    from progan.checkpoint import save_checkpoint
-    from progan.networks import Discriminator, Generator
+    from progan.model.checkpoint import save_checkpoint
+    from progan.model.networks import Discriminator, Generator
 
     cfg = cfg or tiny_model_config()
     m = cfg.model
-    torch.manual_seed(seed)  # as progan.run_state.build_networks, with the test's seed
+    torch.manual_seed(seed)  # as progan.training.run_state.build_networks, with the test's seed
     G = Generator(m.max_resolution, m.latent_size, m.fmap_base, m.fmap_max, m.num_channels)
     D = Discriminator(m.max_resolution, m.fmap_base, m.fmap_max, m.num_channels, m.mbstd_group_size)
     G_ema = copy.deepcopy(G)

@@ -87,6 +87,6 @@ TINY_OVERRIDES = (
 
 
 def tiny_config(*overrides):
-    from progan.config import load_config
+    from progan.model.config import load_config
 
     return load_config(REPO / "configs" / "demo.yaml", [*TINY_OVERRIDES, *overrides])

@@ -12,7 +12,7 @@ import ray.cloudpickle
 import ray.train
 import torch
 
-from progan.train_loop import Callback
+from progan.training.train_loop import Callback
 
 
 class FaultInjection(Callback):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local import free_port
+from base.ports import free_port
 
 REGION = "us-east-1"
 READY_TIMEOUT_S = 90

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from progan.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from progan.config import Config
+from progan.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from progan.model.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,8 @@ def test_refuses_other_versions_garbage_and_pickled_code(tmp_path):
 
 WRITER = """
 import sys, torch
-from progan.checkpoint import save_checkpoint
-from progan.config import Config
+from progan.model.checkpoint import save_checkpoint
+from progan.model.config import Config
 big = {"config": Config().to_dict(), "images_seen": 9999, "generator": {"w": torch.randn(64, 1024, 1024)}}
 while True:
     save_checkpoint(big, sys.argv[1])

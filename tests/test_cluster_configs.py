@@ -21,7 +21,7 @@ LOCKED = ("torch", "torchvision")
 
 
 def _module_constant(path: Path, name: str):
-    """A top-level constant of a module, read without importing it (progan.train_loop loads torch)."""
+    """A top-level constant of a module, read without importing it (progan.training.train_loop loads torch)."""
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
             return ast.literal_eval(node.value)
@@ -242,7 +242,7 @@ def test_rayjob_runs_on_a_cluster_shaped_like_the_kuberay_one_that_it_removes_af
 
 
 def test_rayjob_entrypoint_is_launch_py_with_data_and_run_on_object_storage():
-    from progan.config import load_config
+    from progan.model.config import load_config
 
     words = shlex.split(_rayjob()["spec"]["entrypoint"])
     assert words[:2] == ["python", "launch.py"]
@@ -309,7 +309,7 @@ def test_readme_names_files_that_exist():
 
 
 def test_readme_commands_use_real_files_flags_and_config_keys():
-    from progan.config import load_config
+    from progan.model.config import load_config
 
     launch_flags, pipeline_flags = _flags(REPO / "launch.py"), _flags(REPO / "data_pipeline" / "__main__.py")
     seen = set()

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from progan.config import Config, ConfigError, load_config, save_config
-from progan.schedule import batch_shares, build_phases, phase_at
+from progan.model.config import Config, ConfigError, load_config, save_config
+from progan.model.schedule import batch_shares, build_phases, phase_at
 
 REPO_CONFIGS = ["configs/paper_celeba.yaml", "configs/demo.yaml"]
 

@@ -25,7 +25,7 @@ from facenet_pytorch import MTCNN
 from PIL import Image
 
 from data_pipeline.config import PrepareConfig
-from data_pipeline.errors import UserError
+from base.errors import UserError
 from data_pipeline.faces import Detection, Rejected, crop_square, describe, pick_face
 from data_pipeline.manifest import BELOW_THRESHOLD, NO_FACE, read_manifest
 from data_pipeline.prepare import prepare

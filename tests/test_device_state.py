@@ -3,9 +3,9 @@ process group's backends and the CUDA generator state in checkpoints (torch.cuda
 functions stubbed; the loop only chooses when to call them)."""
 import torch
 
-from progan.checkpoint import load_checkpoint, save_checkpoint
-from progan.run_state import restore_rng, rng_state
-from progan.process_group import process_group_backend
+from progan.model.checkpoint import load_checkpoint, save_checkpoint
+from progan.training.run_state import restore_rng, rng_state
+from progan.training.process_group import process_group_backend
 
 
 def test_gpu_process_group_serves_cpu_and_cuda_collectives():

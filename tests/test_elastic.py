@@ -5,9 +5,9 @@ import signal
 
 import pytest
 
-from progan.background_run import BackgroundRun
+from progan.training.background_run import BackgroundRun
 from cluster.local import TRAIN_SLOT
-from progan.train_loop import build_trainer
+from progan.training.train_loop import build_trainer
 
 from conftest import read_jsonl, tiny_config
 from faults import FaultInjection

@@ -24,12 +24,12 @@ from conftest import REPO, square_photo, tiny_config
 from data_pipeline.manifest import FORMAT_VERSION, MANIFEST_NAME, write_json
 from data_pipeline.shards import Sample, shard_name, write_shard
 from progan import evaluate
-from progan.checkpoint import save_checkpoint
-from progan.ema import ema_beta, make_ema, update_ema
-from progan.losses import WGANGP
+from progan.model.checkpoint import save_checkpoint
+from progan.model.ema import ema_beta, make_ema, update_ema
+from progan.model.losses import WGANGP
 from progan.metrics import fid, swd
-from progan.networks import Discriminator, Generator
-from progan.training_step import make_optimizer, train_step
+from progan.model.networks import Discriminator, Generator
+from progan.training.training_step import make_optimizer, train_step
 
 STORED = 32
 SHARD_SIZE = 100

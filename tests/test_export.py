@@ -11,8 +11,8 @@ import pytest
 
 from checkpoints import make_checkpoint
 from progan.export import main
-from progan.samples import fixed_latents
-from progan.trained import load_trained_generator
+from progan.model.samples import fixed_latents
+from progan.model.trained import load_trained_generator
 
 # Runs in a bare interpreter: only torch / onnxruntime / numpy, nothing of this repository.
 LOADER = textwrap.dedent("""

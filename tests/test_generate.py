@@ -11,8 +11,8 @@ from PIL import Image
 
 from checkpoints import make_checkpoint
 from progan.generate import main, slerp, walk_latents
-from progan.samples import fixed_latents, to_uint8
-from progan.trained import load_trained_generator
+from progan.model.samples import fixed_latents, to_uint8
+from progan.model.trained import load_trained_generator
 
 REPO = Path(__file__).resolve().parents[1]
 

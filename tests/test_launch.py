@@ -13,7 +13,7 @@ import pytest
 
 import cluster.local
 import launch
-from cluster.local import free_port
+from base.ports import free_port
 from conftest import TINY_OVERRIDES, copy_test_photos, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +72,8 @@ def test_a_run_listens_on_loopback_only_and_writes_movable_artifacts(faces_dir, 
         time.sleep(1)
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, output[-3000:]
+    # a quiet start: no traceback and no warning of Ray's own internals on the console
+    assert "Traceback" not in output and "DeprecationWarning" not in output, output[-3000:]
     names = {name for name, _, _ in listeners}
     assert {"gcs_server", "raylet"} <= names and len(listeners) > 10, listeners  # the check did see Ray's servers
     outside = {item for item in listeners if not is_loopback(item[1])}

@@ -19,7 +19,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data_pipeline.errors import UserError
+from base.errors import UserError
 from data_pipeline.loader import (LOADER_CHUNK, BatchReader, FaceStream, count_images, rank_slices, shard_list,
                                   to_training_range)
 from data_pipeline.manifest import FORMAT_VERSION, MANIFEST_NAME, stored_resolution, write_json

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from progan.ema import ema_beta, make_ema, update_ema
-from progan.losses import LeastSquares, LogisticR1, WGANGP, make_loss
+from progan.model.ema import ema_beta, make_ema, update_ema
+from progan.model.losses import LeastSquares, LogisticR1, WGANGP, make_loss
 
 
 class LinearCritic(torch.nn.Module):

@@ -34,11 +34,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.local import free_port
+from base.ports import free_port
 from data_pipeline.manifest import COUNT_NAMES
 from monitoring import metrics as M
 from monitoring.prometheus import TARGETS_LINK, ray_dashboard_env, render_config, run_prometheus, scrape_cluster
-from progan.background_run import BackgroundRun
+from progan.training.background_run import BackgroundRun
 
 import dashboard_queries as dash
 from conftest import copy_test_photos, make_shards, tiny_config
@@ -195,12 +195,12 @@ def _run_pipeline(cluster, faces_dir: Path, work: Path) -> dict:
 
 
 def _start_training(run_dir: Path, shards: Path) -> BackgroundRun:
-    """The job under test: a tiny real training (progan.train_loop.build_trainer, as launch.py builds
+    """The job under test: a tiny real training (progan.training.train_loop.build_trainer, as launch.py builds
     it) on the module's 2-node cluster. Its NaN test hook fails the first attempt once, so that Ray
     Train restarts the workers from a checkpoint."""
     from faults import FaultInjection
     from cluster.local import TRAIN_SLOT
-    from progan.train_loop import build_trainer
+    from progan.training.train_loop import build_trainer
 
     run_dir.mkdir(parents=True)
     return BackgroundRun(build_trainer(tiny_config(*TRAINING_OVERRIDES), run_dir, shards, workers=WORKERS,

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from progan.layers import EqualizedConv2d, EqualizedLinear, MinibatchStddev, PixelNorm
-from progan.networks import Discriminator, Generator, feature_maps, resolutions_up_to, set_trainable
+from progan.model.layers import EqualizedConv2d, EqualizedLinear, MinibatchStddev, PixelNorm
+from progan.model.networks import Discriminator, Generator, feature_maps, resolutions_up_to, set_trainable
 
 
 def count(params) -> int:

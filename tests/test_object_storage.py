@@ -198,7 +198,7 @@ def test_the_same_error_twice_stops_a_run_on_the_bucket(s3, s3_shards, cluster):
     from conftest import tiny_config
     from faults import FaultInjection
     from cluster.local import TRAIN_SLOT
-    from progan.train_loop import build_trainer
+    from progan.training.train_loop import build_trainer
 
     _, shards = s3_shards
     run = f"s3://{BUCKET}/runs/same-error"
@@ -233,7 +233,7 @@ def test_appends_at_the_same_time_keep_every_line(s3):
     whose line another put dropped puts it again (a plain read-and-put kept 5 of 20 lines here)."""
     import threading
 
-    from data_pipeline import storage
+    from base import storage
 
     url = f"s3://{BUCKET}/appends/events.jsonl"
 

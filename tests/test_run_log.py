@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from progan.run_log import RunLog, error_signature, format_duration, progress_line, repeated_error
+from progan.training.run_log import RunLog, error_signature, format_duration, progress_line, repeated_error
 
 STATS = {"resolution": 16, "phase": "fade-in", "alpha": 0.25, "kimg": 11.5, "img_per_s": 50.0,
          "loss_d": -0.5, "loss_g": 1.25, "grad_penalty": 0.01}

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from checkpoints import make_checkpoint
-from cluster.local import free_port
+from base.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

@@ -15,16 +15,17 @@ from PIL import Image
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from data_pipeline.loader import BatchReader, FaceStream
-from progan.checkpoint import load_checkpoint, run_checkpoints
-from progan.config import config_from_dict, save_config
-from progan.losses import WGANGP
-from progan.schedule import batch_shares, build_phases, share_weights
-from progan.phase_training import wrap_for_phase
-from progan.run_state import build_networks
 from cluster.local import TRAIN_SLOT
-from progan.train_loop import build_trainer
-from progan.training_step import resolution_scale_for
+from data_pipeline.loader import BatchReader, FaceStream
+from progan.model.checkpoint import check_resume, load_checkpoint, run_checkpoints
+from progan.model.config import config_from_dict, save_config
+from progan.model.losses import WGANGP
+from progan.model.schedule import batch_shares, build_phases, share_weights
+from progan.training import run_plan
+from progan.training.phase_training import wrap_for_phase
+from progan.training.run_state import build_networks
+from progan.training.train_loop import build_trainer
+from progan.training.training_step import resolution_scale_for
 
 from conftest import read_jsonl, tiny_config
 from faults import FaultInjection
@@ -98,7 +99,7 @@ def test_resume_continues_the_image_count_exactly(interrupted_then_resumed):
 
 def critic_and_generator_grads(config: dict) -> None:
     """One critic and one generator backward on a fixed batch, split across the ranks as the
-    training loop splits it (progan.schedule.batch_shares), each rank's losses weighted as the
+    training loop splits it (progan.model.schedule.batch_shares), each rank's losses weighted as the
     training step weights them (share_weights)."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -188,7 +189,7 @@ def test_launch_checks_input_and_readies_the_cluster_without_torch_or_ray_train(
     this CPU) load in a thread while the nodes start, not before them."""
     code = ("import sys, launch; from cluster.local import LocalCluster, _gpus_per_node\n"
             f"args = launch.parse_args(['--data', {str(shards)!r}, '--nodes', '4', 'model.max_resolution=16'])\n"
-            "cfg, run_dir = launch.resolve_config(args); launch.check_data(cfg); _gpus_per_node(4)\n"
+            "plan = launch.plan_run(args); _gpus_per_node(4)\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('ray.train'))\n"
             "print(len(heavy), heavy[:5])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
@@ -209,29 +210,27 @@ def test_resume_lists_changed_config_values_and_applies_them_only_when_asked(int
 
     run = copy_of_run(interrupted_then_resumed, tmp_path / "tiny")
     asked = ["--resume", str(run), "schedule.total_kimg=1.28", "optimizer.lr=0.01", "cluster.nodes=3"]
-    cfg, _ = launch.resolve_config(launch.parse_args(asked))
+    cfg, _ = run_plan.resolve_config(launch.parse_args(asked))
     assert capsys.readouterr().err.splitlines() == [
         "[launch] --resume: schedule.total_kimg is 0.64 in the run, 1.28 asked: not applied (add --override-config to apply it)",
         "[launch] --resume: optimizer.lr is 0.003 in the run, 0.01 asked: not applied (add --override-config to apply it)"]
     assert (cfg.schedule.total_kimg, cfg.optimizer.lr, cfg.cluster.nodes) == (0.64, 0.003, 3)  # runtime values follow
-    cfg, _ = launch.resolve_config(launch.parse_args([*asked, "--override-config"]))
+    cfg, _ = run_plan.resolve_config(launch.parse_args([*asked, "--override-config"]))
     assert [line.rsplit(": ", 1)[1] for line in capsys.readouterr().err.splitlines()] == ["applied", "applied"]
     assert (cfg.schedule.total_kimg, cfg.optimizer.lr) == (1.28, 0.01)
 
 
-def test_resume_goes_on_from_the_newest_checkpoint_that_loads(interrupted_then_resumed, cluster, shards, tmp_path, capsys):
-    """The newest checkpoint cut short (a crash while the disk was full, say): launch.py says in one
-    line which older one the run continues from, and the training does so and records it."""
-    import launch
-
+def test_resume_goes_on_from_the_newest_checkpoint_that_loads(interrupted_then_resumed, cluster, shards, tmp_path):
+    """The newest checkpoint cut short (a crash while the disk was full, say): the resume check
+    gives the one line launch.py prints, naming the older one the run continues from, and the
+    training does so and records it."""
     run = copy_of_run(interrupted_then_resumed, tmp_path / "tiny")
     newest, older, *_ = run_checkpoints(run)
     data = newest.read_bytes()
     newest.write_bytes(data[:len(data) // 2])
     older_kimg = load_checkpoint(older)["images_seen"] / 1000
     cfg = tiny_config("data.loader_workers=1", "cluster.min_workers=2")
-    launch.check_resume(cfg, run)
-    lines = capsys.readouterr().err.splitlines()
+    lines = check_resume(run, cfg.to_dict()["model"])
     assert len(lines) == 1 and f"{newest}: unreadable (" in lines[0], lines
     assert lines[0].endswith(f"); resuming from the older {older.parent.name} (kimg {older_kimg:.3f})"), lines
     result = build_trainer(cfg, run, shards, workers=2, train_slot=TRAIN_SLOT).fit()

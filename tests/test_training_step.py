@@ -14,12 +14,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from cluster.local import free_port
-from progan.losses import WGANGP
-from progan.networks import Discriminator, Generator
-from progan.phase_training import wrap_for_phase
-from progan.run_state import weights_digest
-from progan.training_step import fade_reals, make_optimizer, train_step
+from base.ports import free_port
+from progan.model.losses import WGANGP
+from progan.model.networks import Discriminator, Generator
+from progan.training.phase_training import wrap_for_phase
+from progan.training.run_state import weights_digest
+from progan.model.layers import fade_reals
+from progan.training.training_step import make_optimizer, train_step
 
 
 def load_faces(folder: Path, count: int, size: int) -> torch.Tensor:

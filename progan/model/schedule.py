@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from progan.config import Config
+from progan.model.config import Config
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def batch_shares(global_batch: int, world_size: int, group_size: int = 1) -> lis
 
     Whole minibatch-stddev groups (`group_size` consecutive images) are dealt out as evenly as
     possible, so the shares differ by at most one group and every rank's groups are the ones
-    the whole batch forms on one worker (progan/layers.py MinibatchStddev): 32 images in
+    the whole batch forms on one worker (progan/model/layers.py MinibatchStddev): 32 images in
     groups of 4 on 3 workers are 12 + 12 + 8. When the global batch is not a whole number of
     groups, or has fewer groups than there are ranks, single images are dealt out instead
     (shares differ by at most one image; the layer then takes the largest group dividing each

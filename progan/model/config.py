@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from data_pipeline.errors import UserError
+from base.errors import UserError
 
 
 class ConfigError(UserError):
@@ -45,7 +45,7 @@ class ModelConfig:
     # NHWC activations and conv weights: the same maths, faster steps on CPU (oneDNN)
     channels_last: bool = True
     # fp32 | bf16: bf16 runs the networks' forward passes under autocast (weights, optimisers and
-    # the EMA stay fp32; progan.training_step.in_precision); fast where the hardware has bf16
+    # the EMA stay fp32; progan.training.training_step.in_precision); fast where the hardware has bf16
     # units (GPUs since Ampere, CPUs with AMX/AVX512-BF16), slower than fp32 on other CPUs
     precision: str = "fp32"
 

@@ -8,11 +8,11 @@ import hashlib
 
 import torch
 
-from progan.config import Config
-from progan.ema import make_ema
-from progan.networks import Discriminator, Generator
-from progan.schedule import Phase
-from progan.training_step import memory_format
+from progan.model.config import Config
+from progan.model.ema import make_ema
+from progan.model.networks import Discriminator, Generator
+from progan.model.schedule import Phase
+from progan.training.training_step import memory_format
 
 
 def build_networks(cfg: Config) -> tuple[Generator, Discriminator]:

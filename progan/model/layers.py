@@ -110,3 +110,11 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
 
 def downsample2x(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, 2)
+
+
+def fade_reals(reals: torch.Tensor, alpha: float) -> torch.Tensor:
+    """During a fade-in the reals are blended like G's output: the half-resolution image
+    (2x2 average, nearest upsampled) mixed with the full one by alpha (official process_reals)."""
+    if alpha >= 1.0:
+        return reals
+    return torch.lerp(upsample2x(downsample2x(reals)), reals, alpha)

@@ -11,12 +11,12 @@ from pathlib import Path
 import ray.train
 import torch.distributed as dist
 
-from data_pipeline import storage
-from progan.checkpoint import load_usable_checkpoint, save_checkpoint
-from progan.phase_training import PhaseTraining
-from progan.run_log import RunLog, repeated_error
-from progan.run_state import RunState, SavedOptimizers, rng_state, weights_digest
-from progan.samples import fixed_latents, sample_name, write_sample_grid
+from base import storage
+from progan.model.checkpoint import load_usable_checkpoint, save_checkpoint
+from progan.training.phase_training import PhaseTraining
+from progan.training.run_log import RunLog, repeated_error
+from progan.training.run_state import RunState, SavedOptimizers, rng_state, weights_digest
+from progan.model.samples import fixed_latents, sample_name, write_sample_grid
 
 
 class RunCheckpoints:

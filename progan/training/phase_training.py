@@ -8,10 +8,10 @@ import dataclasses
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from progan.networks import set_trainable
-from progan.run_state import RunState, SavedOptimizers
-from progan.schedule import Phase, batch_shares, share_weights
-from progan.training_step import make_optimizer
+from progan.model.networks import set_trainable
+from progan.training.run_state import RunState, SavedOptimizers
+from progan.model.schedule import Phase, batch_shares, share_weights
+from progan.training.training_step import make_optimizer
 
 
 def wrap_for_phase(G, D, resolution: int, fading: bool, device: torch.device) -> tuple[DDP, DDP]:
@@ -60,7 +60,7 @@ def optimizers_for(run: RunState, phase: Phase, previous: PhaseTraining | None,
 def enter_phase(run: RunState, phase: Phase, previous: PhaseTraining | None, saved: SavedOptimizers | None,
                 rank: int, world: int) -> PhaseTraining:
     """The previous phase's wrappers are dropped before new ones are made. The schedule's global
-    batch is split in whole minibatch-stddev groups (progan.schedule.batch_shares)."""
+    batch is split in whole minibatch-stddev groups (progan.model.schedule.batch_shares)."""
     if previous is not None:
         previous.G_ddp = previous.D_ddp = None
     G_ddp, D_ddp = wrap_for_phase(run.G, run.D, phase.resolution, phase.fading, run.device)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.storage import atomic_path
+from base.storage import atomic_path
 
 MIN_TILE = 64  # small resolutions are enlarged (nearest neighbour) to at least this many pixels
 

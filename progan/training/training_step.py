@@ -10,15 +10,6 @@ import time
 import torch
 from torch import nn
 
-from progan.layers import downsample2x, upsample2x
-
-
-def fade_reals(reals: torch.Tensor, alpha: float) -> torch.Tensor:
-    """During a fade-in the reals are blended like G's output: the half-resolution image
-    (2x2 average, nearest upsampled) mixed with the full one by alpha (official process_reals)."""
-    if alpha >= 1.0:
-        return reals
-    return torch.lerp(upsample2x(downsample2x(reals)), reals, alpha)
 
 
 @contextlib.contextmanager
@@ -36,7 +27,7 @@ def frozen(module: nn.Module):
 
 def resolution_scale_for(D_module: nn.Module, resolution: int) -> float:
     """k = max_resolution / resolution: how much the official code upscales the images the
-    critic sees, which sets the scale of the input-gradient penalties (progan/losses.py)."""
+    critic sees, which sets the scale of the input-gradient penalties (progan/model/losses.py)."""
     return D_module.max_resolution / resolution
 
 
@@ -69,7 +60,7 @@ def critic_step(G, D, opt_d: torch.optim.Optimizer, loss, reals: torch.Tensor, r
                 alpha: float, latent_size: int, resolution_scale: float, loss_weight: float = 1.0,
                 precision: str = "fp32") -> dict:
     """`loss_weight` multiplies the loss before backward (not the returned stats): a rank's
-    share of an uneven split of the global minibatch (progan.schedule.share_weights).
+    share of an uneven split of the global minibatch (progan.model.schedule.share_weights).
     `precision`: fp32 or bf16 (in_precision)."""
     z = torch.randn(reals.shape[0], latent_size, device=reals.device)
     with torch.no_grad():

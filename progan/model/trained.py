@@ -1,7 +1,7 @@
 """A trained generator out of a checkpoint, for evaluation, generation, export and serving.
 
 Knows nothing of Ray or of the training loop: it reads the plain-dict checkpoint
-(`progan.checkpoint`) and rebuilds the networks from the config stored in it.
+(`progan.model.checkpoint`) and rebuilds the networks from the config stored in it.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.errors import UserError
-from progan.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-from progan.config import Config, config_from_dict
-from progan.networks import Generator
+from base.errors import UserError
+from progan.model.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from progan.model.config import Config, config_from_dict
+from progan.model.networks import Generator
 
 
 @dataclass

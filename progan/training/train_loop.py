@@ -3,10 +3,10 @@ checkpoint policy) and `train_loop_per_worker`, the progressive training each wo
 
 Every rank runs the same schedule from the same global image count, so collective calls (DDP
 all-reduces, the stats all-reduce, `ray.train.report`) happen at the same steps everywhere. The
-step itself is `progan.training_step.train_step`; what a phase trains with,
-`progan.phase_training`; the state a checkpoint holds, `progan.run_state`, and the checkpoints
-themselves, `progan.run_checkpoints`; the run folder's logs, `progan.run_log`. Only these
-modules know about ranks and Ray; the networks, losses and step do not.
+step itself is `training_step.train_step`; what a phase trains with, `phase_training`; the state a
+checkpoint holds, `run_state`, and the checkpoints themselves, `run_checkpoints`; the run folder's
+logs, `run_log` (all in progan/training/). Only these modules know about ranks and Ray; the
+networks, losses and step do not.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import time
+from pathlib import Path
 
 import ray
 import ray.train
@@ -23,19 +24,20 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from data_pipeline import storage
+from base import storage
 from data_pipeline.loader import BatchReader, FaceStream
 from monitoring.metrics import TrainingMetrics
-from progan.config import Config, config_from_dict
-from progan.ema import ema_beta, update_ema
-from progan.losses import make_loss
-from progan.phase_training import PhaseTraining, enter_phase
-from progan.process_group import BoundStoreTorchConfig, process_group_backend
-from progan.run_checkpoints import RunCheckpoints
-from progan.run_log import STOP_FILE, RunLog, error_signature
-from progan.run_state import RunState
-from progan.schedule import Phase, build_phases, phase_at
-from progan.training_step import fade_reals, train_step
+from progan.model.config import Config, config_from_dict
+from progan.model.ema import ema_beta, update_ema
+from progan.model.layers import fade_reals
+from progan.model.losses import make_loss
+from progan.model.schedule import Phase, build_phases, phase_at
+from progan.training.phase_training import PhaseTraining, enter_phase
+from progan.training.process_group import BoundStoreTorchConfig, process_group_backend
+from progan.training.run_checkpoints import RunCheckpoints
+from progan.training.run_log import STOP_FILE, RunLog, error_signature
+from progan.training.run_state import RunState
+from progan.training.training_step import train_step
 
 # grad_norm: the critic's mean input-gradient norm at the current resolution (near k =
 # max_resolution / resolution once the penalty, on the official full-resolution scale, holds)
@@ -231,7 +233,7 @@ class Trainer:
         """The paper's SWD of the EMA generator against the shards at the end of each phase (the
         last one ends the run): into events.jsonl and Prometheus. Rank 0 alone; the other ranks
         wait for it at their next all-reduce."""
-        from progan.evaluate import swd_at_phase_end  # only where it is used: the CLI's imports
+        from progan.metrics.evaluation import swd_at_phase_end  # only where it is used: the metrics load late
 
         result = swd_at_phase_end(self.run, phase, self.shards, self.cfg.monitoring.swd_images, self.run_dir)
         if result is not None:
@@ -277,6 +279,22 @@ def scaling_config(cfg: Config, workers: int, train_slot: str | None) -> Scaling
                          placement_strategy="SPREAD", elastic_resize_monitor_interval_s=10.0)
 
 
+def start_autoscaling_coordinator(timeout_s: float = 60.0) -> None:
+    """Starts Ray's AutoscalingCoordinator actor, where Train's controller registers the run's
+    resources as it starts, and waits until it is up. Train creates it on its first request and
+    waits 5 s for the answer; on a machine busy starting a run (the H200 machine's launches) a new
+    actor process took longer, and the controller printed a 20-line GetTimeoutError traceback
+    ("Failed to send resource request ... safe to ignore"). The actor is a named, detached one,
+    so this costs one process start per cluster; a failure here only leaves things as they were."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator)
+
+    try:
+        ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote(), timeout=timeout_s)
+    except Exception:
+        pass  # Train asks again every 20 s: a slow start costs it one warning, as before
+
+
 def build_trainer(cfg: Config, run_dir: Path, shards: str | Path, workers: int,
                   train_slot: str | None = None, extra_loop_config: dict | None = None) -> TorchTrainer:
     """`run_dir` is storage_path/name, so Ray's checkpoints land in the run folder, and a new
@@ -288,6 +306,7 @@ def build_trainer(cfg: Config, run_dir: Path, shards: str | Path, workers: int,
     # read by Ray Train's controller, which inherits the driver's RAY_TRAIN_* variables
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.cluster.worker_start_timeout_s)
     scaling = scaling_config(cfg, workers, train_slot)
+    start_autoscaling_coordinator()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "shards": storage.absolute(shards),

@@ -7,7 +7,7 @@ import re
 import time
 from pathlib import Path
 
-from data_pipeline import storage
+from base import storage
 
 STOP_FILE = "STOP"  # `touch RUN_DIR/STOP`: the run saves a checkpoint and ends cleanly
 

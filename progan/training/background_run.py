@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from progan.run_log import STOP_FILE
+from progan.training.run_log import STOP_FILE
 
 
 class BackgroundRun:

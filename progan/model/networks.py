@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from progan.layers import (LRELU_GAIN, EqualizedConv2d, EqualizedLinear, LeakyReLU, MinibatchStddev,
+from progan.model.layers import (LRELU_GAIN, EqualizedConv2d, EqualizedLinear, LeakyReLU, MinibatchStddev,
                            PixelNorm, downsample2x, upsample2x)
 
 

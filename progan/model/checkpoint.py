@@ -6,13 +6,15 @@ reads it, so a checkpoint file cannot run code.
 """
 from __future__ import annotations
 
+import tempfile
 import textwrap
 from pathlib import Path
 
 import torch
 
-from data_pipeline.errors import UserError
-from data_pipeline.storage import atomic_path
+from base import storage
+from base.errors import UserError
+from base.storage import atomic_path
 
 FORMAT_VERSION = 1
 FILENAME = "checkpoint.pt"
@@ -97,3 +99,43 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise CheckpointError(f"{path}: no {FILENAME} there, nor in checkpoint_* folders below it")
         return found[0]
     return path / FILENAME if path.is_dir() else path
+
+
+def check_resume(run_dir: Path | storage.RemotePath, model_config: dict) -> list[str]:
+    """Before a run is resumed: refuses (CheckpointMismatch, UserError) a config that the run's
+    checkpoints do not fit, and returns one line per newest checkpoint that does not load, naming
+    the older one the run continues from (the training loop makes the same choice and records it
+    in events.jsonl)."""
+    if isinstance(run_dir, storage.RemotePath):
+        check_remote_resume(run_dir, model_config)
+        return []
+    checkpoints = run_checkpoints(run_dir)
+    if not checkpoints:
+        return []
+    state, used, skipped = load_usable_checkpoint(checkpoints[0].parent, run_dir, model_config)
+    return [f"{reason}; resuming from the older {used.name} (kimg {state['images_seen'] / 1000:.3f})"
+            for reason in skipped]
+
+
+def check_remote_resume(run_dir: storage.RemotePath, model_config: dict) -> None:
+    """For a run on object storage: its newest checkpoint, downloaded, must fit the config's
+    networks. (An unreadable newest checkpoint is left to the training loop, which on object
+    storage does not fall back to older ones.)"""
+    try:
+        newest = max((name for name in storage.subfolders(run_dir) if name.startswith("checkpoint_")), default=None)
+        if newest is None:
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / newest / FILENAME
+            local.parent.mkdir()
+            local.write_bytes((run_dir / newest / FILENAME).read_bytes())
+            try:
+                load_checkpoint(local, model_config)
+            except CheckpointMismatch as exc:
+                raise UserError(str(exc).replace(str(local.parent), str(run_dir / newest)))
+            except Exception:
+                pass  # unreadable here: the training loop reports it in events.jsonl
+    except UserError:
+        raise
+    except Exception as exc:  # the bucket unreachable mid-way: one line, not a traceback
+        raise UserError(f"--resume {run_dir}: cannot read its checkpoints ({storage.describe_error(exc)})")
