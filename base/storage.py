@@ -13,14 +13,18 @@ each append costs the whole object twice).
 """
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import random
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from base.errors import UserError
 
 LOCAL_SCHEMES = ("", "file")
 TEMP_SUFFIX = ".tmp"  # what a file is called while `atomic_path` writes it (left behind only by a kill)
@@ -125,21 +129,101 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
 APPEND_TRIES = 8
 
 
-def append_text(location: str | os.PathLike, text: str) -> None:
+def append_text(location: str | os.PathLike, text: str, fresh_line: bool = False) -> None:
     """Adds `text` at the end: a plain append locally; on object storage a read and a longer put,
     read back to check: two writers at once (every rank logging its error) can each put a copy
-    without the other's lines, so a writer whose lines are gone puts them again."""
+    without the other's lines, so a writer whose lines are gone puts them again. `fresh_line`
+    (JSON-lines files): `text` starts a line of its own, never glued onto a line a kill tore."""
     if not is_remote(location):
         path = local_path(location)
-        with open(path, "a") as file:
-            file.write(text)
+        with open(path, "ab+") as file:  # "a": every write goes to the end, tell() is the size
+            if fresh_line:
+                text = _mend_local_tail(file, str(location)) + text
+            file.write(text.encode())
         return
     for attempt in range(APPEND_TRIES):
-        write_bytes(location, read_text_or_empty(location).encode() + text.encode())
+        old = read_bytes_or_empty(location)
+        cut, prefix = _mend_tail(old, str(location)) if fresh_line else (0, "")
+        write_bytes(location, old[:len(old) - cut] + (prefix + text).encode())
         time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))  # lets a racing writer's put land first
         if text in read_text_or_empty(location):
             return
     raise OSError(f"{location}: lines written {APPEND_TRIES} times were overwritten each time")
+
+
+TAIL_BYTES = 1 << 20  # how much of a file's end is read to find its last line (records are far shorter)
+
+
+def read_bytes_or_empty(location: str | os.PathLike) -> bytes:
+    try:
+        return read_bytes(location)
+    except FileNotFoundError:
+        return b""
+
+
+def _mend_local_tail(file, location: str) -> str:
+    """Readies an open local file ("ab+") for a fresh line: what to write before it ("\n" after a
+    whole last record without one), having cut off a torn last line. Reads 1 byte when all is well."""
+    size = file.tell()
+    if size == 0:
+        return ""
+    file.seek(size - 1)
+    if file.read(1) == b"\n":
+        return ""
+    file.seek(max(size - TAIL_BYTES, 0))
+    cut, prefix = _mend_tail(file.read(), location)
+    if cut:
+        file.truncate(size - cut)
+    return prefix
+
+
+def _mend_tail(data: bytes, location: str) -> tuple[int, str]:
+    """(bytes to cut off the end of `data`, text to write before the next line). A last line that is
+    a whole record but lacks its newline gets one; one that is not JSON is what a kill or a full disk
+    left mid-write, no record: it is cut off (and said once), so the file stays whole JSON lines
+    and `read_jsonl` keeps its rule that only a last line may be torn."""
+    if not data or data.endswith(b"\n"):
+        return 0, ""
+    last = data[data.rfind(b"\n") + 1:]
+    try:
+        json.loads(last)
+        return 0, "\n"
+    except ValueError:
+        _report_torn(location, "cut off its torn last line before appending")
+        return len(last), ""
+
+
+_reported_torn: set[str] = set()  # JSON-lines files whose torn last line was already reported
+
+
+def read_jsonl(location: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file ([] when there is none). A last line that is not JSON and
+    has no newline after it is what a kill or a full disk leaves mid-write: it is skipped, said
+    once per file on stderr. Any other line that is not JSON is a UserError naming the file and
+    line: that is damage, not an interrupted write."""
+    try:
+        text = read_bytes(str(location)).decode(errors="replace")
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")  # the last part is "" when the file ends in a newline
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number < len(lines):
+                raise UserError(f"{location}: line {number} is not JSON ({exc.msg})") from None
+            _report_torn(str(location), f"skipped its torn last line {number}")
+    return records
+
+
+def _report_torn(location: str, what: str) -> None:
+    """One stderr line per file and process: a reader polling a file says it once, not each time."""
+    if location not in _reported_torn:
+        _reported_torn.add(location)
+        print(f"warning: {location}: {what} (an interrupted write)", file=sys.stderr)
 
 
 def upload(local_file: str | os.PathLike, location: str | os.PathLike) -> None:

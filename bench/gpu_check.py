@@ -44,6 +44,7 @@ from pathlib import Path
 
 import yaml
 
+from base import storage
 from base.ports import free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -139,7 +140,7 @@ def last_line(log: Path) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return storage.read_jsonl(path) if path.is_file() else []  # a torn last line is skipped
 
 
 # ---------------------------------------------------------------- the checks

@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from base import storage
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -62,9 +64,7 @@ def main() -> None:
         reader = threading.Thread(target=watch_output, args=(proc, seen), daemon=True)
         reader.start()
         first_step = first_line_time(run_dir / "stats.jsonl", proc, args.timeout)
-        events = run_dir / "events.jsonl"
-        for line in events.read_text().splitlines() if events.exists() else []:
-            event = json.loads(line)
+        for event in storage.read_jsonl(run_dir / "events.jsonl"):  # proc still runs: its last line may be torn
             seen.setdefault(f"{event['event']}_event", event["time"])
         proc.terminate()
         proc.wait(timeout=120)

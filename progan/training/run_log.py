@@ -50,8 +50,8 @@ class RunLog:
                 self.flush()
 
     def flush(self) -> None:
-        for name, text in self.pending.items():
-            storage.append_text(self.run_dir / name, text)
+        for name, text in self.pending.items():  # fresh_line: never glued onto a line a kill tore
+            storage.append_text(self.run_dir / name, text, fresh_line=True)
         self.pending.clear()
 
     def event(self, kind: str, **fields) -> None:
@@ -72,7 +72,7 @@ def error_signature(exc: BaseException) -> str:
 def repeated_error(events_file: Path | storage.RemotePath) -> str | None:
     """The error that the last two attempts (the runs of the workers between two `start`/`resume`
     events) both failed with, if any."""
-    events = [json.loads(line) for line in events_file.read_text().splitlines()] if events_file.exists() else []
+    events = storage.read_jsonl(events_file)  # a torn last line (a kill, a full disk) is skipped
     attempts: list[set[str]] = []
     for event in events:
         if event["event"] in ("start", "resume"):

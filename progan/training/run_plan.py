@@ -198,7 +198,7 @@ def report(run_dir: Path | storage.RemotePath, metrics: dict) -> int:
     print(f"[launch] done: {json.dumps({k: v for k, v in metrics.items() if k != 'sample_grid'})}")
     if grids:
         print(f"[launch] final sample grid: {grids[-1]}")
-    events = [json.loads(line) for line in storage.read_text_or_empty(run_dir / "events.jsonl").splitlines()]
+    events = storage.read_jsonl(run_dir / "events.jsonl")
     swds = [e for e in events if e["event"] == "swd"]
     if swds:
         last = swds[-1]
