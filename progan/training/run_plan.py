@@ -42,7 +42,7 @@ class RunPlan:
     def begin(self) -> None:
         """The run folder for this attempt: a stop request belongs to the attempt it stopped, and
         the config the run trains with is written beside its checkpoints."""
-        (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+        clear_stop_request(self.run_dir / STOP_FILE)
         with storage.written_at(self.run_dir / "config.yaml") as local:
             save_config(self.cfg, local)
         print(f"[launch] run folder: {self.run_dir}", flush=True)
@@ -55,6 +55,25 @@ class RunPlan:
         folder = Path(tempfile.gettempdir()) / "progan-runs" / self.run_dir.name
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+
+def clear_stop_request(stop: Path | storage.RemotePath) -> None:
+    """Removes RUN/STOP before an attempt. Made with `mkdir` instead of `touch` it is an empty folder,
+    removed as well; a folder with files in it (or a pipe, a socket) is not ours to delete: one line."""
+    if isinstance(stop, storage.RemotePath) or stop.is_symlink() or not stop.exists():
+        stop.unlink(missing_ok=True)
+        return
+    try:
+        if stop.is_file():
+            stop.unlink()
+        elif stop.is_dir():
+            stop.rmdir()  # an OSError when it holds anything
+        else:
+            raise UserError(f"{stop} is neither a file nor a folder; remove it, then run again")
+    except OSError as exc:
+        what = "a folder that is not empty" if stop.is_dir() else "a stop request"
+        raise UserError(f"{stop}: cannot remove {what} ({exc.strerror or exc}); "
+                        f"move it away, then run again") from None
 
 
 def plan_run(args: argparse.Namespace) -> RunPlan:
