@@ -90,3 +90,17 @@ def test_summary_cli_prints_23_1m():
     out = subprocess.run([sys.executable, "-m", "progan.summary", "--resolution", "1024"],
                          capture_output=True, text=True, check=True).stdout
     assert "23,071,507  (23.1M)" in out and "23,077,137  (23.1M)" in out
+
+
+@pytest.mark.parametrize("override", [
+    "model.max_resolution=²",                   # str.isdigit() is true for it; int() raised ValueError
+    "model.max_resolution=١٢",                  # Arabic-Indic digits
+    "schedule.minibatch={4: 16, ²: 4}",         # a key written as a string
+    "schedule.total_kimg=" + "9" * 400,         # an integer no float holds: float() raised OverflowError
+    "schedule.total_kimg=" + "9" * 5000,        # over Python's 4300-digit limit: YAML's int() raised
+])
+def test_overrides_that_look_like_integers_are_one_line(override):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 200 and override.split("=")[0] in message

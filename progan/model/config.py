@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,11 +171,14 @@ def _coerce(name: str, value, tp):
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)  # dict keys written as strings in JSON-like YAML
+        if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,100}", value.strip()):
+            return int(value)  # dict keys written as strings in JSON-like YAML; ASCII digits only:
+            # str.isdigit() also passes "²" and other Unicode digits, on which int() raised
         raise ConfigError(f"{name}: got {value!r}, expected an integer")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > sys.float_info.max:  # float() would overflow
+                raise ConfigError(f"{name}: got an integer of {len(str(abs(value)))} digits, expected a finite number")
             if not math.isfinite(value):
                 raise ConfigError(f"{name}: got {value!r}, expected a finite number")
             return float(value)
@@ -219,6 +224,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except ValueError as exc:  # YAML syntax, but no number Python reads (an int of over 4300 digits)
+        raise ConfigError(f"override {key.strip()}: {str(exc).split(';')[0]}") from None
     return key.strip().split("."), value
 
 
@@ -230,8 +237,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {path}: not found")
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})")
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: a number Python cannot read (4300+ digits)
+            raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0].split(';')[0]})")
         _apply(cfg, data)
     for text in overrides:
         keys, value = parse_override(text)
