@@ -45,6 +45,8 @@ METRICS = ("swd", "fid")
 # progan.metrics.swd / .fid hold the same numbers, not imported here to keep torch-fidelity's
 # import off the SWD-only path
 PAPER_NUM_IMAGES = {"swd": 16384, "fid": 50000}
+MAX_NUM_IMAGES = 1_000_000  # 20x the paper's FID set: hours of generator and Inception time, still finite
+MAX_SEED = 2 ** 63 - 1      # what the random generators take (as progan.generate's --seed)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,8 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_generator_args(p, "--checkpoint")
     p.add_argument("--data", required=True, help="face shards folder (with manifest.json) made by python -m data_pipeline")
     p.add_argument("--metric", action="append", choices=METRICS, help="swd (default) and/or fid; repeat for both")
-    p.add_argument("--num-images", type=int, help="images per set (default: 16384 for swd, 50000 for fid, the paper's)")
-    p.add_argument("--seed", type=int, default=0, help="seed for latents, real image order and the metrics' sampling")
+    p.add_argument("--num-images", type=int, help="images per set (default: 16384 for swd, 50000 for fid, the paper's; "
+                                                  f"2..{MAX_NUM_IMAGES})")
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"seed for latents, real image order and the metrics' sampling (0..{MAX_SEED})")
     p.add_argument("--json", action="store_true", help="print each result as one JSON line instead of a table")
     p.add_argument("--inception-weights", help="torch-fidelity's InceptionV3 weights file (needed for fid)")
     add_generator_args(p, "--device")
@@ -68,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def images_per_metric(metrics: list[str], num_images: int | None) -> dict[str, int]:
     if num_images is not None and num_images < 2:
         raise UserError(f"--num-images must be at least 2 (a distribution needs more than one image), not {num_images}")
+    if num_images is not None and num_images > MAX_NUM_IMAGES:
+        raise UserError(f"--num-images {num_images}: at most {MAX_NUM_IMAGES} (the paper's FID uses 50000)")
     return {metric: num_images or PAPER_NUM_IMAGES[metric] for metric in metrics}
 
 
@@ -136,6 +142,8 @@ def write_result(path: Path, result: dict) -> None:
 
 def evaluate(args: argparse.Namespace) -> list[tuple[dict, Path]]:
     counts = images_per_metric(args.metric, args.num_images)
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed {args.seed}: must be in 0..{MAX_SEED}")
     device = pick_device(args.device)
     extractor = None
     if "fid" in args.metric:  # the weights are checked before the checkpoint: the cheaper mistake first

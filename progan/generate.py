@@ -29,7 +29,8 @@ features = mean + PSI * (features - mean). 1.0 (default) is off; smaller values 
 for typical-looking faces; 0 gives the one average face.
 
 Mistakes (a missing or damaged checkpoint, a resolution the run has not trained, an output that
-cannot be written, --num < 1) give one line on stderr and exit code 2.
+cannot be written, --num outside 1..1024 (a walk: 2..100 keyframes), --frames outside 2..1200)
+give one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -56,6 +57,12 @@ GIF_FRAME_MS = 50           # 20 frames per second
 TRUNCATION_LATENTS = 1024   # latents whose average first-block features --truncation pulls toward
 TRUNCATION_SEED = 0x5eed    # fixed, so the average (and so every truncated image) is reproducible
 MAX_SEED = 2 ** 63 - 1
+# Upper bounds of the counts (every image is held in memory as float32 before it is written, so
+# a count without a bound ran on into gigabytes): a 32x32 grid (12.9 GB at 1024x1024, 200 MB at
+# 128x128); a walk of one minute at 20 frames/s through up to 100 keyframes
+MAX_IMAGES = 1024
+MAX_KEYFRAMES = 100
+MAX_FRAMES = 1200
 
 
 # ---------------------------------------------------------------- generation (shared with progan.serve)
@@ -155,13 +162,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog=PROG, description="Images, grids and latent walks from a trained checkpoint.",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     add_generator_args(p, "--checkpoint")
-    p.add_argument("--num", type=int, help="images in the grid (default 64); with --interpolate: keyframes (default 4)")
+    p.add_argument("--num", type=int, help=f"images in the grid (default 64, at most {MAX_IMAGES}); "
+                                           f"with --interpolate: keyframes (default 4, at most {MAX_KEYFRAMES})")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
     p.add_argument("--out", type=Path, help="grid .png; with --interpolate: walk .gif or a .png strip")
     p.add_argument("--single", type=Path, metavar="DIR", help="also (or instead) one PNG per image into DIR")
     add_generator_args(p, "--resolution")
     p.add_argument("--interpolate", action="store_true", help="a looping latent-space walk instead of a grid")
-    p.add_argument("--frames", type=int, default=60, help="frames of the walk (default 60)")
+    p.add_argument("--frames", type=int, default=60, help=f"frames of the walk (default 60, at most {MAX_FRAMES})")
     p.add_argument("--truncation", type=float, default=1.0, metavar="PSI",
                    help="pull first-block features toward their mean: 1 = off (default), 0 = the average face")
     add_generator_args(p, "--raw", "--device")
@@ -173,6 +181,8 @@ def check_args(args: argparse.Namespace) -> None:
     args.num = args.num if args.num is not None else (4 if args.interpolate else 64)
     if args.num < 1:
         raise UserError(f"--num {args.num}: must be at least 1")
+    check_at_most("--num", args.num, MAX_KEYFRAMES if args.interpolate else MAX_IMAGES,
+                  "keyframes" if args.interpolate else "images")
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed {args.seed}: must be in 0..{MAX_SEED}")
     if not math.isfinite(args.truncation):
@@ -182,6 +192,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--num {args.num}: a walk needs at least 2 keyframes")
         if args.frames < 2:
             raise UserError(f"--frames {args.frames}: must be at least 2")
+        check_at_most("--frames", args.frames, MAX_FRAMES, "frames")
         if args.out is None or args.out.suffix.lower() not in (".gif", ".png"):
             raise UserError("--interpolate needs --out ending .gif (animation) or .png (strip)")
         if args.single is not None:
@@ -191,6 +202,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError("nothing to write: give --out grid.png and/or --single DIR")
         if args.out is not None and args.out.suffix.lower() != ".png":
             raise UserError(f"--out {args.out}: a grid is written as PNG; end the name .png")
+
+
+def check_at_most(flag: str, value: int, bound: int, what: str) -> None:
+    """A count's upper bound: all of them are rendered in memory at once."""
+    if value > bound:
+        raise UserError(f"{flag} {value}: at most {bound} {what} (all are held in memory at once)")
 
 
 def prepare_outputs(args: argparse.Namespace) -> None:

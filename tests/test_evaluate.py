@@ -364,3 +364,12 @@ def test_the_module_runs_as_a_command_and_fails_without_traceback(tmp_path):
                              "--data", tmp_path], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "none: not found" in one_error_line(result.stderr)
+
+
+@pytest.mark.parametrize("args, message", [(["--num-images", 10_000_000], "at most 1000000"),
+                                           (["--seed", 2 ** 64], "must be in 0..")])
+def test_counts_have_an_upper_bound(args, message, tmp_path, capsys):
+    """Refused before the checkpoint (missing here) or the data are read."""
+    code = evaluate.main(["--checkpoint", str(tmp_path / "missing"), "--data", str(tmp_path)] + list(map(str, args)))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err

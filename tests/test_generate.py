@@ -158,3 +158,17 @@ def test_the_command_line_itself(checkpoint, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("python -m progan.generate: error: resolution 64: "
                                   "this checkpoint has trained 4, 8, 16")
+
+
+@pytest.mark.parametrize("args", [["--num", 3_000_000, "--out", "g.png"],
+                                  ["--num", 1025, "--single", "singles"],
+                                  ["--interpolate", "--num", 101, "--out", "walk.gif"],
+                                  ["--interpolate", "--frames", 100_000_000, "--out", "walk.gif"]])
+def test_counts_have_an_upper_bound(args, tmp_path, capsys):
+    """Refused before the checkpoint is read (it does not exist here) and before any output is made."""
+    argv = ["--checkpoint", tmp_path / "no-checkpoint"] + [tmp_path / a if a in ("g.png", "singles", "walk.gif")
+                                                            else a for a in args]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "at most" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
