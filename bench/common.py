@@ -34,6 +34,8 @@ class StepSetup:
         widths = dict(widths or {})
         d_widths = {k: v for k, v in widths.items() if k != "latent_size"}
         layout = memory_format(channels_last)
+        if torch.device(device).type == "cuda":
+            torch.backends.cudnn.benchmark = True  # shapes are fixed within a phase: autotune each conv once
         torch.manual_seed(0)
         self.G = Generator(**widths).to(device, memory_format=layout)
         self.D = Discriminator(**d_widths).to(device, memory_format=layout)

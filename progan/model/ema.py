@@ -23,8 +23,12 @@ def ema_beta(batch: int, beta: float = 0.999, half_life_kimg: float = 0.0) -> fl
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, generator: nn.Module, beta: float) -> None:
-    """ema = beta * ema + (1 - beta) * generator, parameter by parameter."""
-    for p_ema, p in zip(ema.parameters(), generator.parameters()):
-        p_ema.lerp_(p.detach(), 1.0 - beta)
+    """ema = beta * ema + (1 - beta) * generator: one multi-tensor lerp over all parameters
+    (one launch per device and dtype on CUDA instead of one per tensor; the same values)."""
+    ema_params, params = list(ema.parameters()), [p.detach() for p in generator.parameters()]
+    if len(ema_params) != len(params):
+        raise ValueError(f"EMA has {len(ema_params)} parameters, the generator {len(params)}")
+    if ema_params:
+        torch._foreach_lerp_(ema_params, params, 1.0 - beta)
     for b_ema, b in zip(ema.buffers(), generator.buffers()):
         b_ema.copy_(b)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from progan.model import conv2d_gradfix
+
 LRELU_GAIN = math.sqrt(2.0)
 
 
@@ -32,6 +34,10 @@ class EqualizedConv2d(nn.Module):
             # dense layer over the flattened map: one GEMM, also in the penalty's double backward,
             # where the convolution kernels are slow for a 1x1 output
             y = F.linear(x.flatten(1), self.weight.flatten(1))[:, :, None, None]
+        elif conv2d_gradfix.active(x):
+            # on CUDA: derivatives of every order are ordinary conv kernels (no feature-map
+            # filter in the penalty's double backward); the CPU keeps F.conv2d
+            y = conv2d_gradfix.conv2d(x, self.weight, self.padding)
         else:
             y = F.conv2d(x, self.weight, None, padding=self.padding)
         return torch.add(self.bias[:, None, None], y, alpha=self.scale)
