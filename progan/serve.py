@@ -14,11 +14,14 @@ The page uses this JSON/PNG API (FastAPI, served by uvicorn):
   GET /api/interpolate.png   the same, plus &a=I&b=J&t=T: images I and J of that grid (1-based), slerp at T
 A bad request (a resolution the run has not trained, a seed that is not a number) is answered
 4xx with {"error": "one line"}, which the page shows. Binds 127.0.0.1 unless --host says otherwise.
+A request whose Host header names another host (a page reaching the port through DNS rebinding)
+is answered 400 "Invalid host header": see `allowed_hosts`.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import ipaddress
 import sys
 import threading
 from pathlib import Path
@@ -88,12 +91,39 @@ def validation_message(exc) -> str:
     return "; ".join(parts)
 
 
-def create_app(studio: Studio):
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # bind addresses that listen on every interface
+
+
+def allowed_hosts(host: str) -> list[str]:
+    """The names a request's Host header may give, for a server bound to `host`. A web page whose
+    own name an attacker's DNS turns into 127.0.0.1 (DNS rebinding) reaches the port, but its
+    requests still carry that name, so they are refused. The port is not compared: such a request
+    reached this port already. Bound to every address (0.0.0.0, ::) the page was opened to the
+    network on purpose, under names this process cannot list: any name is answered."""
+    if host in WILDCARD_HOSTS:
+        return ["*"]
+    names = [f"[{host}]" if ":" in host else host]
+    if host == "localhost" or is_loopback(host):
+        names += [name for name in ("localhost", "127.0.0.1", "[::1]") if name not in names]
+    return names
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address
+        return False
+
+
+def create_app(studio: Studio, host: str = "127.0.0.1"):
+    """The page and its API, answering only requests addressed to `host` (`allowed_hosts`)."""
     from fastapi import FastAPI, HTTPException, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = FastAPI(title="ProGAN generator", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host), www_redirect=False)
 
     @app.exception_handler(RequestValidationError)
     async def bad_field(_request: Request, exc: RequestValidationError):
@@ -162,7 +192,7 @@ def serve(args: argparse.Namespace) -> int:
     trained = load_trained_generator(args.checkpoint, raw=args.raw, device=pick_device(args.device))
     import uvicorn
 
-    app = create_app(Studio(trained, args.raw))
+    app = create_app(Studio(trained, args.raw), args.host)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {trained.path} at http://{shown}:{args.port}/ (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -226,3 +226,42 @@ def test_serve_mistakes_give_one_line_and_exit_2(tmp_path, capsys):
         assert main(["--checkpoint", str(tmp_path / "none"), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"cannot listen on 127.0.0.1:{port}" in err
+
+
+# ---------------------------------------------------------------- the Host header (DNS rebinding)
+
+def asgi_get(app, path: str, host: str) -> tuple[int, bytes]:
+    """One GET through the ASGI app in this process (no server, no client library)."""
+    import asyncio
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", host.encode())], "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+    sent, requests = [], [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive():  # the request once, then waits (the client never goes away) until cancelled
+        if requests:
+            return requests.pop()
+        await asyncio.Event().wait()
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+@pytest.mark.parametrize("bound, host, status", [
+    ("127.0.0.1", "127.0.0.1:8000", 200), ("127.0.0.1", "localhost:8000", 200),
+    ("127.0.0.1", "evil.example:8000", 400), ("127.0.0.1", "127.0.0.1.evil.example:8000", 400),
+    ("::1", "[::1]:8000", 200), ("::1", "localhost:8000", 200), ("::1", "evil.example:8000", 400),
+    ("0.0.0.0", "my-machine:8000", 200),  # opened to the network on purpose: any name
+])
+def test_only_requests_addressed_to_the_server_are_answered(bound, host, status):
+    from progan.serve import create_app
+
+    code, body = asgi_get(create_app(studio=None, host=bound), "/", host)  # "/" is the page: no generator needed
+    assert code == status, body
+    if status == 400:
+        assert len(body.decode().strip().splitlines()) == 1
