@@ -50,6 +50,10 @@ class ModelConfig:
     # the EMA stay fp32; progan.training.training_step.in_precision); fast where the hardware has bf16
     # units (GPUs since Ampere, CPUs with AMX/AVX512-BF16), slower than fp32 on other CPUs
     precision: str = "fp32"
+    # convolutions whose derivatives of every order are plain convolution kernels, for the
+    # penalty's double backward through the critic (progan/model/conv2d_gradfix.py; the same
+    # maths): CUDA only, off until the GPU check has measured it on a GPU
+    conv_gradfix: bool = False
 
 
 @dataclass

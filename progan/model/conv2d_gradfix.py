@@ -10,8 +10,9 @@ each with a weight-shaped filter. The idea and the structure follow StyleGAN2-AD
 `torch_utils/ops/conv2d_gradfix.py`; this one covers only what EqualizedConv2d needs: stride 1,
 dilation 1, groups 1, symmetric padding.
 
-On by default for CUDA inputs only (`active`); the CPU keeps F.conv2d. `forced(True)` turns it on
-for any device (tests), `forced(False)` off.
+Off by default: `model.conv_gradfix=true` turns it on for CUDA inputs (`use_on_cuda`), until the
+GPU check has measured it on a GPU (it has not run on one yet); the CPU keeps F.conv2d.
+`forced(True)` turns it on for any device (tests), `forced(False)` off.
 """
 from __future__ import annotations
 
@@ -21,7 +22,14 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-_forced: bool | None = None  # None: on for CUDA tensors, off elsewhere
+_forced: bool | None = None  # None: on for CUDA tensors when use_on_cuda(True), off elsewhere
+_on_cuda = False
+
+
+def use_on_cuda(enabled: bool) -> None:
+    """This process's default for CUDA inputs (the training worker sets model.conv_gradfix)."""
+    global _on_cuda
+    _on_cuda = enabled
 
 
 @contextlib.contextmanager
@@ -36,7 +44,7 @@ def forced(enabled: bool | None) -> Iterator[None]:
 
 
 def active(x: torch.Tensor) -> bool:
-    return x.is_cuda if _forced is None else _forced
+    return (x.is_cuda and _on_cuda) if _forced is None else _forced
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, padding: int = 0) -> torch.Tensor:
@@ -88,8 +96,8 @@ def _function(transpose: bool, padding: int) -> type:
         @staticmethod
         def forward(ctx, grad_y: torch.Tensor, x: torch.Tensor, w_shape: tuple) -> torch.Tensor:
             ctx.save_for_backward(grad_y, x)
-            # only the weight's shape is read: a zero-stride stand-in, no weight-sized allocation
-            w_stand_in = torch.zeros((), dtype=x.dtype, device=x.device).expand(w_shape)
+            # only the weight's shape is read (an uninitialised stand-in, as SG2-ADA passes one)
+            w_stand_in = torch.empty(w_shape, dtype=x.dtype, device=x.device)
             return torch.ops.aten.convolution_backward(
                 grad_y, x, w_stand_in, None, [1, 1], [padding, padding], [1, 1], transpose, [0, 0], 1,
                 [False, True, False])[1]

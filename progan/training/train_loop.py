@@ -27,6 +27,7 @@ from ray.train.torch import TorchTrainer
 from base import storage
 from data_pipeline.loader import BatchReader, FaceStream
 from monitoring.metrics import TrainingMetrics
+from progan.model import conv2d_gradfix
 from progan.model.config import Config, config_from_dict
 from progan.model.ema import ema_beta, update_ema
 from progan.model.layers import fade_reals
@@ -119,6 +120,7 @@ class Trainer:
         self.device = ray.train.torch.get_device()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # shapes are fixed within a phase: autotune each conv once
+        conv2d_gradfix.use_on_cuda(self.cfg.model.conv_gradfix)
         self.phases = build_phases(self.cfg)
         self.log = RunLog(self.run_dir, self.rank == 0, total_kimg=self.phases[-1].end_kimg)
         self.metrics = TrainingMetrics(run=self.run_dir.name, rank=self.rank, node="")
