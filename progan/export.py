@@ -18,6 +18,11 @@ Metadata (TorchScript: the extra file meta.json; ONNX: metadata_props, one JSON-
 per key): latent_size, resolution, alpha, channels, output_range, layout, weights (ema or raw),
 images_seen, checkpoint, input, output.
 
+The file is written under a temporary name beside --out, loaded back and checked there, and only
+then renamed to --out, so an interrupted or failed export (a full disk) leaves no partial file and
+an earlier file whole. An existing --out is replaced only with --overwrite, and never when it is
+the checkpoint being read (compared as resolved files, links and hard links included).
+
 After writing, the file is loaded back (torch.jit.load or onnxruntime) and its images are compared
 with the live generator's for the same latents; a mismatch is an error. Mistakes give one line on
 stderr and exit code 2.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -35,6 +41,7 @@ import torch
 from torch import nn
 
 from base.errors import OneLineParser, UserError, run_cli
+from base.storage import atomic_path
 from progan.generate import check_output_file, seeded_latents
 from progan.model.layers import LeakyReLU
 from progan.model.networks import Generator
@@ -99,7 +106,10 @@ def save_torchscript(model: StandaloneGenerator, meta: dict, path: Path) -> None
     with warnings.catch_warnings():  # TorchScript's deprecation notice is not the user's concern here
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example)
-        torch.jit.save(traced, str(path), _extra_files={META_FILE: json.dumps(meta)})
+        try:
+            torch.jit.save(traced, str(path), _extra_files={META_FILE: json.dumps(meta)})
+        except RuntimeError as exc:  # the C++ writer's failure (a full disk): its first line, as an OSError
+            raise OSError(str(exc).strip().splitlines()[0] if str(exc).strip() else "write failed") from None
 
 
 def load_torchscript_output(path: Path, latents: torch.Tensor) -> np.ndarray:
@@ -156,6 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_generator_args(p, "--checkpoint")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, type=Path, help="the file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the checkpoint read)")
     add_generator_args(p, "--resolution", "--raw")
     return p.parse_args(argv)
 
@@ -165,12 +176,32 @@ def export(args: argparse.Namespace) -> tuple[dict, float]:
     resolution = args.resolution or trained.resolution
     model = stage_generator(trained, resolution)
     check_output_file(args.out)
+    check_not_replacing(args.out, trained.path, args.overwrite)
     meta = export_metadata(trained, resolution, args.raw)
     try:
-        SAVERS[args.format](model, meta, args.out)
+        with atomic_path(args.out) as temporary:
+            SAVERS[args.format](model, meta, temporary)
+            difference = check_export(args.format, trained, meta, temporary)
     except OSError as exc:
         raise UserError(f"cannot write {args.out}: {exc.strerror or exc}") from None
-    return meta, check_export(args.format, trained, meta, args.out)
+    return meta, difference
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (resolved links, or one inode: a hard link)."""
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_not_replacing(out: Path, checkpoint: Path, overwrite: bool) -> None:
+    """UserError when --out is the checkpoint being read (even with --overwrite), or an existing
+    file without --overwrite."""
+    if same_file(out, checkpoint):
+        raise UserError(f"--out {out}: is the checkpoint being exported ({checkpoint}); give another file name")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise UserError(f"--out {out}: already exists; --overwrite replaces it, or give another file name")
 
 
 def export_and_report(args: argparse.Namespace) -> int:

@@ -89,3 +89,52 @@ def test_export_mistakes_give_one_line_and_exit_2(checkpoint, tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "none"), "--format", "onnx", "--out", str(tmp_path / "g.onnx")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not list(tmp_path.glob("g.*"))
+
+
+def test_export_never_replaces_a_file_unasked_nor_the_checkpoint_it_reads(checkpoint, tmp_path, capsys):
+    """Issue 25: --out overwrote anything, the checkpoint being read included."""
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"the user's own file")
+    base = ["--checkpoint", str(checkpoint), "--format", "torchscript"]
+    assert main([*base, "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "already exists" in err and "--overwrite" in err, err
+    assert mine.read_bytes() == b"the user's own file"
+
+    link = tmp_path / "link.pt"
+    (tmp_path / "hard.pt").hardlink_to(checkpoint)
+    link.symlink_to(checkpoint)
+    before = checkpoint.read_bytes() if checkpoint.is_file() else (checkpoint / "checkpoint.pt").read_bytes()
+    ckpt_file = checkpoint if checkpoint.is_file() else checkpoint / "checkpoint.pt"
+    for out in (ckpt_file, link, tmp_path / "hard.pt", ckpt_file.parent / ".." / ckpt_file.parent.name / ckpt_file.name):
+        assert main([*base, "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "is the checkpoint being exported" in err, err
+    assert ckpt_file.read_bytes() == before
+
+    assert main([*base, "--out", str(mine), "--overwrite"]) == 0, capsys.readouterr().err
+    assert mine.read_bytes() != b"the user's own file" and mine.stat().st_size > 1000
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_failed_export_leaves_no_partial_file_and_the_old_one_whole(checkpoint, tmp_path, capsys, monkeypatch):
+    """Issue 25: on a full disk the export left 0-byte files (and a C++ stack)."""
+    import torch
+
+    def full_disk(module, path, _extra_files=None):
+        with open(path, "wb") as file:
+            file.write(b"\0" * 10)
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: "
+                           "file write failed\nframe #0: c10::Error::Error(...)")
+
+    monkeypatch.setattr(torch.jit, "save", full_disk)
+    base = ["--checkpoint", str(checkpoint), "--format", "torchscript"]
+    assert main([*base, "--out", str(tmp_path / "new.pt")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot write" in err and "PytorchStreamWriter" in err, err
+    old = tmp_path / "old.pt"
+    old.write_bytes(b"old export")
+    assert main([*base, "--out", str(old), "--overwrite"]) == 2
+    capsys.readouterr()
+    assert old.read_bytes() == b"old export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.pt"]
