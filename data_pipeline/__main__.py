@@ -11,8 +11,11 @@ default ~/.cache/progan-data-pipeline) and uploaded when complete, manifest.json
 inputs and the output folder are checked before Ray starts: a mistake costs one line on stderr
 and exit code 2. An output with a complete manifest.json is left alone unless
 --overwrite, and refused (exit code 2) if it was made at another --resolution, --format,
---shard-size, --min-prob or --margin; an interrupted run is resumed by running the same command
-again. Photos read and their outcomes go to Prometheus through Ray's metrics export, labelled
+--shard-size, --min-prob, --margin or inputs (names, sizes, times); an interrupted run is resumed
+by running the same command again. The pipeline removes or replaces only its own output (what its
+manifest or its plan in .partial/ names): any other file in DIR stops it in one line, unless
+--overwrite (which replaces the pipeline's names, manifest.json, rejects.jsonl, shard-NNNNNN.tar and
+.partial/, and leaves other files alone). Photos read and their outcomes go to Prometheus through Ray's metrics export, labelled
 run=NAME (monitoring/).
 """
 from __future__ import annotations
@@ -20,11 +23,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from cluster.local import keep_ray_on_loopback
 from data_pipeline.config import IMAGE_FORMATS, PrepareConfig
+from base import storage
 from base.errors import OneLineParser, UserError, run_cli
 from data_pipeline.manifest import check_same_settings, ensure_writable_folder, read_manifest
+from data_pipeline.shards import check_own_output
 from data_pipeline.sources import check_inputs_exist, list_sources
 
 PROG = "python -m data_pipeline"
@@ -63,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{config.output} is already complete ({finished['counts']['faces_kept']} faces in "
               f"{len(finished['shards'])} shards): nothing to do (--overwrite redoes it)")
         return 0
+    if not config.overwrite and not storage.is_remote(config.output):
+        check_own_output(Path(config.output))  # before Ray starts: the pipeline writes only among its own files
     sources = list_sources(list(config.inputs))
     started = time.monotonic()
     keep_ray_on_loopback(args.address)  # before Ray is first imported, just below

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import io
 import json
@@ -35,7 +34,7 @@ from data_pipeline.manifest import (
     DUPLICATE, FORMAT_VERSION, KEPT, MANIFEST_NAME, REJECTS_NAME, UNREADABLE, Outcome, changed_settings,
     check_same_settings, count_outcomes, read_manifest, write_json, write_rejects,
 )
-from data_pipeline.shards import SHARD_GLOB, Sample, ShardProgress
+from data_pipeline.shards import Sample, ShardProgress
 from data_pipeline.sources import Source, content_key, list_sources, read_bytes, recorded_input
 from monitoring.metrics import PipelineMetrics
 
@@ -85,7 +84,7 @@ def prepare(config: PrepareConfig, sources: list[Source] | None = None, show_pro
     plan = make_plan(hash_sources(sources, config.run_name, show_progress), config.shard_size,
                      run_record(config, settings))
     count_settled(plan, config.run_name)
-    progress = ShardProgress(output, plan.fingerprint, fresh=config.overwrite)
+    progress = ShardProgress(output, plan.fingerprint, fresh=config.overwrite, shard_count=len(plan.shards))
     todo = [shard for shard in plan.shards if not progress.is_done(shard.index)]
     with ProgressBar(len(sources), show_progress) as bar:
         bar.add([outcome.status for outcome in known_outcomes(plan, progress)])
@@ -112,14 +111,16 @@ def build_folder(output: str) -> Path:
 
 
 def publish(built: Path, output: str, manifest: dict) -> dict:
-    """Uploads a complete local output to `output`, drops the remote shards it does not list,
-    then the local copy."""
+    """Uploads a complete local output to `output`, drops the shards of the earlier remote output
+    (as its manifest lists them) that it does not list, then the local copy."""
+    previous = read_manifest(output)  # the shards of an earlier output there are ours to drop, no others
+    earlier = {shard["file"] for shard in previous["shards"]} if previous else set()
     storage.remove(storage.join(output, MANIFEST_NAME))
     listed = {shard["file"] for shard in manifest["shards"]}
     for name in sorted(listed) + [REJECTS_NAME, MANIFEST_NAME]:
         storage.upload(built / name, storage.join(output, name))
     for name in storage.file_sizes(output):
-        if fnmatch.fnmatch(name, SHARD_GLOB) and name not in listed:
+        if name in earlier and name not in listed:
             storage.remove(storage.join(output, name))  # an earlier output's extra shard
     shutil.rmtree(built, ignore_errors=True)
     return manifest

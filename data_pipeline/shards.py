@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import webdataset as wds
 
+from base.errors import UserError
 from data_pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, Outcome, write_json
 from base.storage import TEMP_SUFFIX, atomic_path
 
@@ -54,34 +56,132 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def remove_previous_output(folder: Path) -> None:
-    """Delete what an earlier run wrote (only our own names), the manifest first so that no
-    manifest ever points at missing shards."""
-    (folder / MANIFEST_NAME).unlink(missing_ok=True)
-    for path in [folder / REJECTS_NAME, *folder.glob(SHARD_GLOB)]:
-        path.unlink(missing_ok=True)
-    shutil.rmtree(folder / WORK_DIR_NAME, ignore_errors=True)
+PLAN_NAME = "plan.json"
+SHARD_FILE = re.compile(r"shard-\d{6}\.tar")      # the names shard_name gives
+RECORD_FILE = re.compile(r"shard-\d{6}\.json")    # ShardProgress's records in .partial/
+# What atomic_path writes under (".NAME.PID.tmp"; "NAME.tmp" from earlier versions), and the
+# write probe of storage.unwritable.
+OWN_NAME = re.compile(rf"{re.escape(MANIFEST_NAME)}|{re.escape(REJECTS_NAME)}|{SHARD_FILE.pattern}"
+                      rf"|{re.escape(PLAN_NAME)}|{RECORD_FILE.pattern}")
+OWN_TEMPORARY = re.compile(r"\.?(?P<name>.+?)(?:\.\d+)?" + re.escape(TEMP_SUFFIX))
+WRITE_PROBE = re.compile(r"\.write-test-\d+" + re.escape(TEMP_SUFFIX))
+
+
+def own_temporary(name: str, names: re.Pattern | set[str]) -> bool:
+    """A temporary file the pipeline's own atomic writes leave behind when killed, for a file
+    named in `names` (a set, or a pattern a name must match)."""
+    if WRITE_PROBE.fullmatch(name):
+        return True
+    found = OWN_TEMPORARY.fullmatch(name)
+    if not found:
+        return False
+    inner = found.group("name")
+    return inner in names if isinstance(names, set) else bool(names.fullmatch(inner))
+
+
+def owned_names(folder: Path) -> set[str]:
+    """The files directly in `folder` that the pipeline's own manifest or plan (.partial/) names:
+    the manifest, rejects.jsonl and the shards it lists; with a plan, rejects.jsonl, its planned
+    shards and those its records name. Nothing else is the pipeline's to remove."""
+    names: set[str] = set()
+    manifest = read_json(folder / MANIFEST_NAME)
+    if "format_version" in manifest and isinstance(manifest.get("shards"), list):
+        names |= {MANIFEST_NAME, REJECTS_NAME}
+        names |= {shard["file"] for shard in manifest["shards"] if isinstance(shard, dict)
+                  and isinstance(shard.get("file"), str) and SHARD_FILE.fullmatch(shard["file"])}
+    work = folder / WORK_DIR_NAME
+    plan = read_json(work / PLAN_NAME)
+    if "fingerprint" in plan:
+        names.add(REJECTS_NAME)
+        count = plan.get("shards")
+        if isinstance(count, int) and not isinstance(count, bool) and 0 <= count < 10 ** 6:
+            names |= {shard_name(index) for index in range(count)}
+        for record_path in work.glob("shard-*.json"):
+            shard = read_json(record_path).get("shard")
+            if isinstance(shard, dict) and isinstance(shard.get("file"), str) and SHARD_FILE.fullmatch(shard["file"]):
+                names.add(shard["file"])
+    return names
+
+
+def foreign_entry(folder: Path) -> Path | None:
+    """The first thing in the output folder that is not the pipeline's own (see `owned_names`;
+    in .partial/: the plan, the shard records and their temporary files), or None."""
+    if not folder.is_dir():
+        return None
+    owned = owned_names(folder)
+    own_plan = "fingerprint" in read_json(folder / WORK_DIR_NAME / PLAN_NAME)
+    for entry in sorted(folder.iterdir()):
+        if entry.name == WORK_DIR_NAME and entry.is_dir() and not entry.is_symlink():
+            for inner in sorted(entry.iterdir()):
+                ours = (own_plan and inner.is_file() and (inner.name == PLAN_NAME or RECORD_FILE.fullmatch(inner.name))) \
+                    or own_temporary(inner.name, OWN_NAME)
+                if not ours:
+                    return inner
+        elif not ((entry.name in owned and (entry.is_file() or entry.is_symlink()))
+                  or own_temporary(entry.name, OWN_NAME)):
+            return entry
+    return None
+
+
+def check_own_output(folder: Path) -> None:
+    """UserError naming the first file in `folder` that the pipeline did not write (a user's own
+    shard-mydata.tar, a rejects.jsonl or .partial/ content without the pipeline's plan): the
+    pipeline removes and replaces only its own output, and never writes among other files
+    unless --overwrite says so."""
+    entry = foreign_entry(folder)
+    if entry is not None:
+        raise UserError(f"--output {folder}: {entry} is not this pipeline's output, and the pipeline writes only "
+                        f"into an empty folder or its own earlier output; move it away, give another --output, "
+                        f"or pass --overwrite")
+
+
+def remove_previous_output(folder: Path, overwrite: bool = False) -> None:
+    """Delete what an earlier run of the pipeline wrote, as its manifest and plan name it
+    (`owned_names`), the manifest first so that no manifest ever points at missing shards.
+    With `overwrite` (the user's --overwrite) also every file the pipeline's names would replace
+    (manifest.json, rejects.jsonl, shard-NNNNNN.tar, .partial/); other files stay."""
+    names = owned_names(folder)
+    if overwrite:
+        names |= {MANIFEST_NAME, REJECTS_NAME} | {path.name for path in folder.glob(SHARD_GLOB) if SHARD_FILE.fullmatch(path.name)}
+    if MANIFEST_NAME in names:
+        (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    for name in sorted(names - {MANIFEST_NAME}):
+        (folder / name).unlink(missing_ok=True)
+    work = folder / WORK_DIR_NAME
+    if work.is_dir() and (overwrite or "fingerprint" in read_json(work / PLAN_NAME)):
+        shutil.rmtree(work, ignore_errors=True)
+    elif work.is_dir() and not any(work.iterdir()):
+        work.rmdir()
     remove_temporary_files(folder)
 
 
 def remove_temporary_files(folder: Path) -> None:
-    for path in folder.glob("*" + TEMP_SUFFIX):
-        path.unlink(missing_ok=True)
+    """The temporary files the pipeline's own atomic writes left when killed (no other *.tmp)."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.is_file() and own_temporary(path.name, OWN_NAME):
+            path.unlink(missing_ok=True)
 
 
 class ShardProgress:
-    """`.partial/` in the output folder: the plan's fingerprint, and one record per finished
+    """`.partial/` in the output folder: the plan's fingerprint and shard count, and one record per finished
     shard (its file info and every outcome). A rerun of the same plan skips finished shards;
     any other plan starts from an empty folder."""
 
-    def __init__(self, folder: Path, fingerprint: str, fresh: bool):
+    def __init__(self, folder: Path, fingerprint: str, fresh: bool, shard_count: int | None = None):
+        """`fresh` (--overwrite): start over whatever the folder holds; otherwise anything in it
+        that is not the pipeline's own output stops here (UserError, `check_own_output`)."""
         self.folder = folder
         self.work = folder / WORK_DIR_NAME
-        plan_file = self.work / "plan.json"
+        plan_file = self.work / PLAN_NAME
+        if not fresh:
+            check_own_output(folder)
         if fresh or read_json(plan_file).get("fingerprint") != fingerprint:
-            remove_previous_output(folder)
+            remove_previous_output(folder, overwrite=fresh)
             self.work.mkdir(parents=True)
-            write_json(plan_file, {"fingerprint": fingerprint})
+            plan = {"fingerprint": fingerprint} if shard_count is None else {"fingerprint": fingerprint, "shards": shard_count}
+            write_json(plan_file, plan)
         remove_temporary_files(folder)
         remove_temporary_files(self.work)
 

@@ -1,0 +1,87 @@
+"""The data pipeline's output folder (issue 25): it removes or replaces only its own output, what
+its manifest or its plan in .partial/ names, and stops in one line on anything else unless
+--overwrite. These run without Ray: the checks come before any photo is read."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from base.errors import UserError
+from data_pipeline.shards import WORK_DIR_NAME, ShardProgress, check_own_output, shard_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_pipeline(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "data_pipeline", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def photos(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (200, 100, 50)).save(folder / "a.png")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["shard-mydata.tar", "rejects.jsonl", f"{WORK_DIR_NAME}/notes.txt", "notes.tmp"])
+def test_the_cli_stops_on_a_users_file_in_the_output_and_leaves_it(tmp_path, name):
+    output = tmp_path / "out"
+    (output / name).parent.mkdir(parents=True)
+    (output / name).write_text("mine")
+    result = run_pipeline("--input", str(photos(tmp_path)), "--output", str(output), "--resolution", "16",
+                          "--nodes", "1", "--quiet")
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and name.split("/")[-1] in lines[0] and "--overwrite" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert (output / name).read_text() == "mine"
+
+
+def own_partial_output(folder: Path, fingerprint: str, shards: int = 3) -> None:
+    """What a run of the pipeline killed after its first shard leaves."""
+    work = folder / WORK_DIR_NAME
+    work.mkdir(parents=True)
+    (work / "plan.json").write_text(json.dumps({"fingerprint": fingerprint, "shards": shards}))
+    (folder / shard_name(0)).write_bytes(b"shard 0")
+    (work / "shard-000000.json").write_text(json.dumps({"shard": {"file": shard_name(0), "samples": 1, "bytes": 7,
+                                                                  "sha256": "0" * 64}, "outcomes": []}))
+    (folder / f".{shard_name(1)}.4242.tmp").write_bytes(b"half a shard")  # killed mid-write
+
+
+def test_its_own_partial_output_is_resumed_and_another_plans_is_replaced(tmp_path):
+    folder = tmp_path / "out"
+    own_partial_output(folder, "plan-a")
+    check_own_output(folder)  # all of it the pipeline's own
+    progress = ShardProgress(folder, "plan-a", fresh=False, shard_count=3)
+    assert progress.is_done(0) and (folder / shard_name(0)).read_bytes() == b"shard 0"
+    assert not list(folder.glob("*.tmp"))
+
+    ShardProgress(folder, "plan-b", fresh=False, shard_count=2)  # another plan: the old one's files go
+    assert not (folder / shard_name(0)).exists()
+    assert json.loads((folder / WORK_DIR_NAME / "plan.json").read_text()) == {"fingerprint": "plan-b", "shards": 2}
+
+
+@pytest.mark.parametrize("name", ["shard-mydata.tar", "rejects.jsonl", "shard-000007.tar", "sub/x.png"])
+def test_prepare_refuses_a_folder_with_other_files_and_overwrite_keeps_them(tmp_path, name):
+    folder = tmp_path / "out"
+    own_partial_output(folder, "plan-a")
+    if name == "rejects.jsonl":  # without the pipeline's plan or manifest, a rejects.jsonl is the user's
+        (folder / WORK_DIR_NAME / "plan.json").unlink()
+        (folder / WORK_DIR_NAME / "shard-000000.json").unlink()
+        (folder / shard_name(0)).unlink()
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("mine")
+    with pytest.raises(UserError, match="is not this pipeline's output"):
+        ShardProgress(folder, "plan-b", fresh=False, shard_count=2)
+    assert (folder / name).read_text() == "mine"
+    if name in ("shard-mydata.tar", "sub/x.png"):  # --overwrite replaces the pipeline's names only
+        ShardProgress(folder, "plan-b", fresh=True, shard_count=2)
+        assert (folder / name).read_text() == "mine"
+        assert not (folder / shard_name(0)).exists()
