@@ -25,6 +25,11 @@ CPUS_PER_NODE = 2
 # their worker nodes one each too.
 TRAIN_SLOT = "trainslot"
 METRIC_PORT_VARIABLES = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
+# The cluster that Ray's own processes query when given no address: Ray Train's placement-group
+# cleaner asks the state API whether the run's controller is alive with no address, which, without
+# this variable, is "the latest cluster started on this machine" (/tmp/ray/ray_current_cluster):
+# another run's, which did not know the controller, so the cleaner removed this run's placement group.
+ADDRESS_VARIABLE = "RAY_ADDRESS"
 LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
@@ -141,6 +146,7 @@ class LocalCluster:
         self.cpus_per_node, self.log_to_driver = cpus_per_node, log_to_driver
         self.cluster = None
         self.dashboard_url = ""
+        self._saved_address: tuple[str | None] | None = None  # RAY_ADDRESS before start(), put back by shutdown()
 
     def _node_args(self) -> dict:
         return {"num_cpus": self.cpus_per_node, "num_gpus": _gpus_per_node(self.nodes),
@@ -175,12 +181,24 @@ class LocalCluster:
             head["_system_config"] = self.system_config
         # read by the head's dashboard and autoscaler processes as they start
         ports = {key: str(free_port()) for key in METRIC_PORT_VARIABLES} if self.free_metric_ports else {}
-        with temporary_environ(ports):
-            self.cluster = Cluster(initialize_head=True, head_node_args=head)
-        for _ in range(self.nodes - 1):
-            self.cluster.add_node(**self._node_args())
-        context = ray.init(address=self.cluster.address, logging_level="WARNING", log_to_driver=self.log_to_driver)
-        self.cluster.wait_for_nodes()
+        # The GCS port is chosen here so that every process of these nodes (raylets, and the
+        # workers and actors they start) and this driver have RAY_ADDRESS pinned to this cluster
+        # from the start: see ADDRESS_VARIABLE.
+        gcs_port = free_port()
+        head["gcs_server_port"] = gcs_port
+        self._saved_address = (os.environ.get(ADDRESS_VARIABLE),)
+        os.environ[ADDRESS_VARIABLE] = f"127.0.0.1:{gcs_port}"
+        try:
+            with temporary_environ(ports):
+                self.cluster = Cluster(initialize_head=True, head_node_args=head)
+            os.environ[ADDRESS_VARIABLE] = self.cluster.address  # the same, as Ray writes it
+            for _ in range(self.nodes - 1):
+                self.cluster.add_node(**self._node_args())
+            context = ray.init(address=self.cluster.address, logging_level="WARNING", log_to_driver=self.log_to_driver)
+            self.cluster.wait_for_nodes()
+        except BaseException:
+            self.shutdown()  # the nodes started so far, and RAY_ADDRESS as it was
+            raise
         self.dashboard_url = f"http://{context.dashboard_url}" if context.dashboard_url else ""
         return self
 
@@ -190,12 +208,29 @@ class LocalCluster:
     def remove_node(self, node) -> None:
         self.cluster.remove_node(node)
 
+    @property
+    def address(self) -> str:
+        """The GCS address of these nodes (HOST:PORT)."""
+        return self.cluster.address
+
+    def _restore_address(self) -> None:
+        if self._saved_address is None:
+            return
+        (before,), self._saved_address = self._saved_address, None
+        if before is None:
+            os.environ.pop(ADDRESS_VARIABLE, None)
+        else:
+            os.environ[ADDRESS_VARIABLE] = before
+
     def shutdown(self) -> None:
         import ray
-        ray.shutdown()
-        if self.cluster is not None:
-            self.cluster.shutdown()
-            self.cluster = None
+        try:
+            ray.shutdown()
+            if self.cluster is not None:
+                self.cluster.shutdown()
+                self.cluster = None
+        finally:
+            self._restore_address()
 
     def __enter__(self) -> "LocalCluster":
         return self.start()
