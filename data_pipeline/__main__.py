@@ -21,6 +21,7 @@ run=NAME (monitoring/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from base import storage
 from base.errors import OneLineParser, UserError, run_cli
 from data_pipeline.manifest import check_same_settings, ensure_writable_folder, read_manifest
 from data_pipeline.shards import check_own_output
-from data_pipeline.sources import check_inputs_exist, list_sources
+from data_pipeline.sources import check_inputs_exist, inputs_fingerprint, list_sources
 
 PROG = "python -m data_pipeline"
 
@@ -63,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
                            args.image_format, args.min_prob, args.margin, args.overwrite, args.run_name)
     check_inputs_exist(list(config.inputs))
     ensure_writable_folder(config.output)
+    sources = list_sources(list(config.inputs))  # names and sizes only; compared with a finished output's
+    config = dataclasses.replace(config, inputs_fingerprint=inputs_fingerprint(sources))
     finished = None if config.overwrite else read_manifest(config.output)
     if finished is not None:
         check_same_settings(finished, config, config.output)  # other settings: refused, not "done"
@@ -71,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not config.overwrite and not storage.is_remote(config.output):
         check_own_output(Path(config.output))  # before Ray starts: the pipeline writes only among its own files
-    sources = list_sources(list(config.inputs))
     started = time.monotonic()
     keep_ray_on_loopback(args.address)  # before Ray is first imported, just below
     from data_pipeline.prepare import prepare  # torch and Ray load only once the arguments are good

@@ -20,6 +20,8 @@ class PrepareConfig:
     margin: float = 0.4
     overwrite: bool = False
     run_name: str = ""  # labels the pipeline's metrics; "" means the output folder's name
+    # sources.inputs_fingerprint of the listed inputs (None: not listed yet), compared on a rerun
+    inputs_fingerprint: dict | None = None
 
     def __post_init__(self):
         if not self.run_name:

@@ -89,10 +89,21 @@ SHARD_SETTINGS = {
 
 def changed_settings(manifest: dict, config: object) -> list[str]:
     """"--flag old -> new" for each shard-shaping setting of `config` (a PrepareConfig) that
-    differs from the one the manifest records; a setting the manifest lacks is not compared."""
+    differs from the one the manifest records, and "--input (...)" when the inputs' fingerprint
+    (names, sizes, times: sources.inputs_fingerprint) differs; a setting the manifest lacks (an
+    older manifest has no fingerprint) is not compared."""
     recorded = manifest.get("config") or {}
-    return [f"{flag} {recorded[name]} -> {getattr(config, name)}" for name, flag in SHARD_SETTINGS.items()
-            if name in recorded and recorded[name] != getattr(config, name)]
+    if not isinstance(recorded, dict):
+        return []
+    changes = [f"{flag} {recorded[name]} -> {getattr(config, name)}" for name, flag in SHARD_SETTINGS.items()
+               if name in recorded and recorded[name] != getattr(config, name)]
+    old, new = recorded.get("inputs_fingerprint"), getattr(config, "inputs_fingerprint", None)
+    if isinstance(old, dict) and isinstance(new, dict) and old.get("sha256") != new["sha256"]:
+        if old.get("files") != new["files"]:
+            changes.append(f"--input ({old.get('files')} -> {new['files']} files)")
+        else:
+            changes.append(f"--input ({new['files']} files, some with other names, sizes or times)")
+    return changes
 
 
 def check_same_settings(manifest: dict, config: object, folder: Path | str) -> None:

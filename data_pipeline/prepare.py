@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -35,7 +36,7 @@ from data_pipeline.manifest import (
     check_same_settings, count_outcomes, read_manifest, write_json, write_rejects,
 )
 from data_pipeline.shards import Sample, ShardProgress
-from data_pipeline.sources import Source, content_key, list_sources, read_bytes, recorded_input
+from data_pipeline.sources import Source, content_key, inputs_fingerprint, list_sources, read_bytes, recorded_input
 from monitoring.metrics import PipelineMetrics
 
 HASH_BATCH = 64  # photos per hashing call
@@ -69,6 +70,9 @@ class Plan:
 def prepare(config: PrepareConfig, sources: list[Source] | None = None, show_progress: bool = True) -> dict:
     """Run (or resume) the preparation on the connected Ray cluster; returns the manifest.
     An object-store output (s3://...) is built in a local work folder and published when complete."""
+    sources = list_sources(list(config.inputs)) if sources is None else sources
+    if config.inputs_fingerprint is None:  # compared with a finished output's, recorded in the manifest
+        config = dataclasses.replace(config, inputs_fingerprint=inputs_fingerprint(sources))
     if not config.overwrite and (finished := read_manifest(config.output)) is not None:
         check_same_settings(finished, config, config.output)
         return finished
@@ -79,7 +83,6 @@ def prepare(config: PrepareConfig, sources: list[Source] | None = None, show_pro
             storage.remove(storage.join(config.output, MANIFEST_NAME))  # never a manifest over missing shards
         elif (built := read_manifest(output)) is not None and not changed_settings(built, config):
             return publish(output, config.output, built)  # built before, its upload cut short
-    sources = list_sources(list(config.inputs)) if sources is None else sources
     settings = face_settings(config)
     plan = make_plan(hash_sources(sources, config.run_name, show_progress), config.shard_size,
                      run_record(config, settings))
@@ -327,7 +330,8 @@ def finish(output: Path, plan: Plan, progress: ShardProgress, config: PrepareCon
         "shards": shards,
         # the inputs as the photo names start (see sources.py), not as paths of this machine:
         # the shards are shared without its folder layout, and they still say what went in
-        "config": {"inputs": [recorded_input(spec) for spec in config.inputs], **run_record(config, settings)},
+        "config": {"inputs": [recorded_input(spec) for spec in config.inputs],
+                   "inputs_fingerprint": config.inputs_fingerprint, **run_record(config, settings)},
     }
     write_json(output / MANIFEST_NAME, manifest)
     progress.remove()

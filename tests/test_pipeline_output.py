@@ -85,3 +85,47 @@ def test_prepare_refuses_a_folder_with_other_files_and_overwrite_keeps_them(tmp_
         ShardProgress(folder, "plan-b", fresh=True, shard_count=2)
         assert (folder / name).read_text() == "mine"
         assert not (folder / shard_name(0)).exists()
+
+
+def finished_output(folder: Path, inputs_record: dict | None) -> None:
+    """A complete output (no shards: nothing to check) as a run on some inputs leaves it."""
+    folder.mkdir(parents=True)
+    config = {"resolution": 16, "image_format": "png", "shard_size": 1000, "min_prob": 0.95, "margin": 0.4}
+    if inputs_record is not None:
+        config["inputs_fingerprint"] = inputs_record
+    (folder / "manifest.json").write_text(json.dumps({
+        "format_version": 1, "resolution": 16, "image_format": "png", "shards": [], "config": config,
+        "counts": {"files_seen": 1, "faces_kept": 0, "no_face": 1}}))
+    (folder / "rejects.jsonl").write_text("")
+
+
+def test_a_rerun_on_other_inputs_is_refused_not_reported_complete(tmp_path):
+    from data_pipeline.sources import inputs_fingerprint, list_sources
+
+    first = photos(tmp_path)
+    output = tmp_path / "out"
+    finished_output(output, inputs_fingerprint(list_sources([str(first)])))
+    args = ["--output", str(output), "--resolution", "16", "--nodes", "1", "--quiet"]
+    same = run_pipeline("--input", str(first), *args)
+    assert same.returncode == 0 and "already complete" in same.stdout, same.stderr
+
+    other = tmp_path / "other" / "photos"
+    other.mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (other / name).write_bytes((first / "a.png").read_bytes())
+    result = run_pipeline("--input", str(other), *args)
+    assert result.returncode == 2, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--input (1 -> 2 files)" in lines[0] and "--overwrite" in lines[0], result.stderr
+
+    import os
+    os.utime(first / "a.png", ns=(1, 1))  # the same name and size, another time: another photo, maybe
+    result = run_pipeline("--input", str(first), *args)
+    assert result.returncode == 2 and "--input (1 files, some with other names, sizes or times)" in result.stderr
+
+
+def test_an_older_manifest_without_the_inputs_fingerprint_is_not_compared(tmp_path):
+    output = tmp_path / "out"
+    finished_output(output, None)
+    result = run_pipeline("--input", str(photos(tmp_path)), "--output", str(output), "--resolution", "16", "--quiet")
+    assert result.returncode == 0 and "already complete" in result.stdout, result.stderr
