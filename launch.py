@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from base.errors import OneLineParser, run_cli
+from base.errors import OneLineParser, UserError, run_cli
 from cluster.local import TRAIN_SLOT, keep_ray_on_loopback, ray_cluster
 from data_pipeline.shard_cache import shards_for_run
 from monitoring.prometheus import prometheus_for_run, scrape_connected_cluster
@@ -66,12 +66,21 @@ def preload_trainer() -> None:
 
 def train(plan: RunPlan, shards, local_nodes: bool) -> dict:
     """Ray Train on the cluster; on our own local nodes each worker also takes the node's TRAIN_SLOT."""
+    from ray.train import ControllerError
+
     from progan.training.train_loop import build_trainer
 
     trainer = build_trainer(plan.cfg, plan.run_dir, shards, plan.workers,
                             train_slot=TRAIN_SLOT if local_nodes else None)
     print(f"[launch] training: up to {plan.workers} workers", flush=True)
-    return dict(trainer.fit().metrics or {})
+    try:
+        return dict(trainer.fit().metrics or {})
+    except ControllerError as exc:  # a fixed size the cluster did not give (build_trainer: not retried)
+        c = plan.cfg.cluster
+        reason = (str(exc.controller_failure).strip().splitlines() or [type(exc.controller_failure).__name__])[0]
+        raise UserError(f"the cluster did not start {c.min_workers} training workers within "
+                        f"cluster.worker_start_timeout_s={c.worker_start_timeout_s:g} s ({reason[:200]}); "
+                        f"add nodes, or pass fewer --min-nodes/--workers") from None
 
 
 def launch(args: argparse.Namespace) -> int:

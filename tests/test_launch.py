@@ -135,6 +135,11 @@ def test_nodes_that_each_get_a_gpu_or_use_none_pass(monkeypatch, nodes, gpus, us
      "error: --workers 3 and --max-nodes 2: both set the most training workers; give one of them"),
     (["--workers", "2", "--min-nodes", "3"], "error: --min-nodes/--max-nodes: got 3..2, allowed: 1 <= min <= max"),
     (["cluster.min_workers=0"], "error: cluster.min_workers: got 0, allowed: >= 1"),
+    # issue 25: a fixed size the local nodes cannot give retried without end (max allowed: inf)
+    (["--nodes", "1", "--workers", "2", "--min-nodes", "2"],
+     "error: --min-nodes 2: 1 local node runs at most 1 training worker (one each); pass --nodes 2 or --min-nodes 1"),
+    (["--workers", "4", "--min-nodes", "3"],
+     "error: --min-nodes 3: 2 local nodes run at most 2 training workers (one each); pass --nodes 3 or --min-nodes 2"),
 ])
 def test_worker_counts_that_contradict_each_other_are_refused(faces_dir, tmp_path, capsys, flags, message):
     """No flag silently wins over another, and no count silently becomes another."""

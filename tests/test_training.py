@@ -285,3 +285,23 @@ def test_nan_between_stats_lines_is_caught_before_the_next_checkpoint(cluster, s
     first_attempt = events[:events.index(rollbacks[0])]
     assert [round(e["kimg"], 3) for e in first_attempt if e["event"] == "checkpoint"] == [0.096, 0.128]
     assert result.metrics["images_seen"] == 224
+
+
+def test_a_fixed_size_the_cluster_cannot_give_ends_after_the_start_timeout(cluster, tmp_path):
+    """Issue 25: three workers with a training slot each on two nodes (as on a cluster started
+    elsewhere, which launch.py cannot check beforehand) retried without end ("max allowed: inf");
+    the run now ends after one worker start time-out, in one line."""
+    import launch
+    from base.errors import UserError
+
+    cfg = tiny_config("cluster.min_workers=3", "cluster.workers=3", "cluster.worker_start_timeout_s=5")
+    shards = str(tmp_path / "shards")  # never read: no worker starts
+    started = time.monotonic()
+    with pytest.raises(UserError) as error:
+        launch.train(run_plan.RunPlan(cfg, tmp_path / "fixed", shards, True), shards, local_nodes=True)
+    message = str(error.value)
+    assert message.startswith("the cluster did not start 3 training workers within "
+                              "cluster.worker_start_timeout_s=5 s (") and "\n" not in message, message
+    assert message.endswith("add nodes, or pass fewer --min-nodes/--workers"), message
+    assert time.monotonic() - started < 120
+    assert not list((tmp_path / "fixed").glob("checkpoint_*"))

@@ -130,6 +130,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | storage.Rem
     workers = c.workers or c.nodes
     if not 1 <= c.min_workers <= workers:
         raise UserError(f"--min-nodes/--max-nodes: got {c.min_workers}..{workers}, allowed: 1 <= min <= max")
+    if not c.address and c.min_workers > c.nodes:
+        # each local node carries one training slot (cluster.local.TRAIN_SLOT): Ray Train would
+        # wait for the missing workers and retry without end
+        raise UserError(f"--min-nodes {c.min_workers}: {c.nodes} local node{'s' * (c.nodes > 1)} run{'s' * (c.nodes == 1)} at most "
+                        f"{c.nodes} training worker{'s' * (c.nodes > 1)} (one each); pass --nodes {c.min_workers} "
+                        f"or --min-nodes {c.nodes}")
     if not cfg.data.path:
         raise UserError("no data: pass --data DIR (shards or raw photos) or set data.path")
     return cfg, run_dir.resolve()

@@ -322,7 +322,11 @@ def build_trainer(cfg: Config, run_dir: Path, shards: str | Path, workers: int,
         torch_config=BoundStoreTorchConfig(backend=process_group_backend(scaling.use_gpu)),
         run_config=RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent),
-            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+            # A fixed size that the cluster cannot give (too few nodes, resources or GPUs) ends the
+            # run after one worker start time-out: Ray Train would retry it without end (its
+            # controller_failure_limit, -1 by default). An elastic run waits for capacity instead.
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures,
+                                         controller_failure_limit=-1 if scaling.elasticity_enabled else 0),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         ),
     )
