@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
+import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from base.errors import OneLineParser, UserError, run_cli
 from cluster.local import TRAIN_SLOT, keep_ray_on_loopback, ray_cluster
@@ -64,6 +67,44 @@ def preload_trainer() -> None:
     threading.Thread(target=load, name="preload-trainer", daemon=True).start()
 
 
+def fit_in_thread(trainer):
+    """trainer.fit() in a thread of its own, so that Ctrl-C reaches this (the main) thread as a
+    KeyboardInterrupt: in the main thread Ray Train installs its own SIGINT handler, which aborted
+    the run amid Ray's tracebacks and told nothing of how to go on."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def interrupted_line(run_dir) -> str:
+    """What Ctrl-C prints, in one line: where the run stopped (its latest checkpoint, the one
+    --resume continues from) and the command that continues it."""
+    from progan.model.checkpoint import CheckpointError, latest_checkpoint
+
+    program = sys.argv[0] if Path(sys.argv[0]).name == "launch.py" else "launch.py"
+    command = f"python {shlex.quote(program)} --resume {shlex.quote(str(run_dir))}"
+    if isinstance(run_dir, Path):
+        try:
+            state, folder, _ = latest_checkpoint(run_dir)
+        except CheckpointError:
+            return f"interrupted before the run's first checkpoint; start it again with: {command}"
+        return (f"interrupted: the run stopped at its checkpoint at kimg {state['images_seen'] / 1000:.3f} "
+                f"({folder.name}); continue it with: {command}")
+    return f"interrupted: continue the run from its latest checkpoint with: {command}"
+
+
 def train(plan: RunPlan, shards, local_nodes: bool) -> dict:
     """Ray Train on the cluster; on our own local nodes each worker also takes the node's TRAIN_SLOT."""
     from ray.train import ControllerError
@@ -74,7 +115,7 @@ def train(plan: RunPlan, shards, local_nodes: bool) -> dict:
                             train_slot=TRAIN_SLOT if local_nodes else None)
     print(f"[launch] training: up to {plan.workers} workers", flush=True)
     try:
-        return dict(trainer.fit().metrics or {})
+        return dict(fit_in_thread(trainer).metrics or {})
     except ControllerError as exc:  # a fixed size the cluster did not give (build_trainer: not retried)
         c = plan.cfg.cluster
         reason = (str(exc.controller_failure).strip().splitlines() or [type(exc.controller_failure).__name__])[0]
@@ -88,6 +129,28 @@ def launch(args: argparse.Namespace) -> int:
     cfg = plan.cfg
     keep_ray_on_loopback(cfg.cluster.address)  # before the preload thread or anything else imports Ray
     plan.begin()
+    try:
+        return run(args, plan)
+    except KeyboardInterrupt:
+        print(interrupted_line(plan.run_dir), file=sys.stderr, flush=True)
+        return 130
+    finally:
+        remove_stray_checkpoints(plan)
+
+
+def remove_stray_checkpoints(plan: RunPlan) -> None:
+    """Checkpoint folders beyond checkpoint.num_to_keep that an interrupted attempt left and Ray
+    Train no longer knows of: removed once no trainer runs on the run folder."""
+    if isinstance(plan.run_dir, Path) and any(plan.run_dir.glob("checkpoint_*")):
+        from progan.training.run_checkpoints import remove_stray_checkpoints as remove
+
+        remove(plan.run_dir, plan.cfg.checkpoint.num_to_keep)
+
+
+def run(args: argparse.Namespace, plan: RunPlan) -> int:
+    cfg = plan.cfg
+    if args.resume:
+        remove_stray_checkpoints(plan)  # an interrupted attempt's, before Ray Train reads the folder
     started = time.time()
     preload_trainer()
     # under `ray job submit --working-dir`, `monitoring` imported after ray.init was not found
@@ -104,7 +167,11 @@ def launch(args: argparse.Namespace) -> int:
         print(f"[launch] Ray ready after {time.time() - started:.1f} s", flush=True)
         shards = plan.data if plan.is_shards else shards_for_run(
             plan.data, cfg.model.max_resolution, cfg.checkpoint.run_root, plan.run_dir, plan.workers, cfg.data.path)
-        metrics = train(plan, shards, local_nodes=local)
+        try:
+            metrics = train(plan, shards, local_nodes=local)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the nodes' shutdown short
+            raise
     return report(plan.run_dir, metrics)
 
 

@@ -81,3 +81,53 @@ def test_a_process_killed_while_writing_leaves_the_previous_checkpoint_loadable(
         pytest.fail("could not kill the writer mid-write")
     state = load_checkpoint(tmp_path)
     assert state["images_seen"] == 1234 and torch.equal(state["generator"]["w"], torch.full((3, 3), 7.0))
+
+
+def ray_named(run: Path, second: int) -> Path:
+    return run / f"checkpoint_2026-01-02_03-04-{second:02d}.000000"
+
+
+def test_the_runs_latest_checkpoint_is_the_newest_that_loads_for_resume_and_the_tools(tmp_path):
+    """Issue 25: one definition of a run's latest checkpoint, the newest checkpoint_* folder whose
+    checkpoint.pt loads completely. `progan.generate --checkpoint RUN` took the newest folder
+    whatever it held, --resume the newest that loads: two different checkpoints."""
+    from checkpoints import make_checkpoint, tiny_model_config
+
+    from progan.model.checkpoint import check_resume, latest_checkpoint, resolve_checkpoint
+    from progan.model.trained import load_trained_generator
+
+    run = tmp_path / "run"
+    make_checkpoint(ray_named(run, 1), images_seen=128)
+    good = make_checkpoint(ray_named(run, 2), images_seen=256).parent
+    cut = make_checkpoint(ray_named(run, 3), images_seen=384)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # killed while it was copied in
+    ray_named(run, 4).mkdir()  # a folder Ray made, its file not there yet
+    state, folder, skipped = latest_checkpoint(run)
+    assert folder == good and state["images_seen"] == 256 and len(skipped) == 1 and "unreadable" in skipped[0]
+    assert resolve_checkpoint(run) == good / "checkpoint.pt"
+    assert load_trained_generator(run).path == good / "checkpoint.pt" and load_trained_generator(run).images_seen == 256
+    notes = check_resume(run, tiny_model_config().to_dict()["model"])
+    assert len(notes) == 1 and notes[0].endswith(f"resuming from the older {good.name} (kimg 0.256)")
+    with pytest.raises(CheckpointError, match="no checkpoint.pt there"):
+        latest_checkpoint(tmp_path / "empty")
+
+
+def test_stray_checkpoints_beyond_num_to_keep_are_removed_but_never_ones_ray_names_or_the_users(tmp_path):
+    """Issue 25: an interrupted attempt left checkpoint folders beyond checkpoint.num_to_keep that
+    Ray Train had lost track of. Removed: those, oldest first beyond the newest num_to_keep. Kept:
+    the newest, any that Ray's record names (a resume refuses a record naming a missing one), and
+    folders not named as Ray names them."""
+    from progan.training.run_checkpoints import remove_stray_checkpoints
+
+    run = tmp_path / "run"
+    for second in range(1, 7):
+        ray_named(run, second).mkdir(parents=True)
+        (ray_named(run, second) / "checkpoint.pt").write_bytes(b"x")
+    (run / "checkpoint_mine").mkdir()
+    (run / "checkpoint_manager_snapshot.json").write_text(
+        '{"checkpoint_results": [{"checkpoint_dir_name": "%s"}]}' % ray_named(run, 2).name)
+    removed = remove_stray_checkpoints(run, 3)
+    assert sorted(removed) == [ray_named(run, 1).name, ray_named(run, 3).name]
+    assert sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) == sorted(
+        [ray_named(run, s).name for s in (2, 4, 5, 6)] + ["checkpoint_mine"])
+    assert remove_stray_checkpoints(tmp_path / "nowhere", 3) == []

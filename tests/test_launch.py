@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -150,3 +151,47 @@ def test_worker_counts_that_contradict_each_other_are_refused(faces_dir, tmp_pat
                           f"checkpoint.run_root={tmp_path / 'runs'}", *flags])
     err = capsys.readouterr().err
     assert status == 2 and err.splitlines() == [err.strip()] and err.startswith(message), err
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_resume_goes_on_from_there_leaving_no_stray_folders(
+        faces_dir, tmp_path):
+    """Issue 25: Ctrl-C during training ended with Ray's tracebacks and no hint, and the checkpoint
+    written last was missing from Ray's record of the run, so --resume went back to an earlier one;
+    folders beyond checkpoint.num_to_keep stayed. Ctrl-C (SIGINT to the whole process group, as a
+    terminal sends it) now ends with one line naming the last complete checkpoint and the exact
+    command, exit 130; the resume starts from that checkpoint; strays are gone at the end."""
+    photos = copy_test_photos(faces_dir, tmp_path / "photos")
+    command = launch_command(photos, tmp_path / "runs", "--run-name", "cut", "schedule.total_kimg=20")
+    command[command.index("--nodes") + 1] = "1"
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    run, deadline = tmp_path / "runs" / "cut", time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "events.jsonl").is_file() and sum(
+                '"checkpoint"' in line for line in (run / "events.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err + out, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    found = re.fullmatch(r"interrupted: the run stopped at its checkpoint at kimg (\d+\.\d{3}) \((checkpoint_\S+)\); "
+                         r"continue it with: python (\S+) --resume (\S+)", last)
+    assert found, last
+    kimg, folder, program, resume = found.groups()
+    assert Path(program).name == "launch.py" and resume == str(run) and (run / folder / "checkpoint.pt").is_file()
+    newest_complete = sorted(p.parent.name for p in run.glob("checkpoint_*/checkpoint.pt"))[-1]
+    assert folder == newest_complete
+    # strays an earlier attempt might have left: Ray-named, older, unknown to Ray's record
+    strays = [run / f"checkpoint_2000-01-01_00-00-0{i}.000000" for i in range(3)]
+    for stray in strays:
+        shutil.copytree(run / folder, stray)
+    resumed = subprocess.run([sys.executable, str(REPO / "launch.py"), "--resume", str(run), "--no-prometheus",
+                              "--dashboard-port", str(free_port()), "--override-config", "schedule.total_kimg=0.32"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumes = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "resume"]
+    assert resumes and resumes[0]["kimg"] == pytest.approx(float(kimg)), resumes
+    assert not any(stray.exists() for stray in strays)
+    assert len([p for p in run.glob("checkpoint_*") if p.is_dir()]) <= 3  # TINY_OVERRIDES' num_to_keep

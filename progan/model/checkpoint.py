@@ -90,15 +90,34 @@ def load_usable_checkpoint(preferred: str | Path, run_dir: str | Path,
     raise CheckpointError(f"no checkpoint of {run_dir} loads; the newest: {skipped[0]}")
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder (its newest checkpoint), a `checkpoint_*` folder or a checkpoint file -> the file."""
+def latest_checkpoint(run_dir: str | Path, model_config: dict | None = None) -> tuple[dict, Path, list[str]]:
+    """The run's latest checkpoint, the one definition that resume (the training loop, check_resume)
+    and the tools (generate, evaluate, export, serve: progan.model.trained) share: the newest
+    checkpoint_* folder of the run whose checkpoint.pt loads completely. A folder whose file is
+    missing or cut short (a run killed while Ray copied it in) is passed over for the next older
+    one. Returns (state, the folder, one line per newer checkpoint passed over); CheckpointError
+    when the run has none that loads."""
+    found = run_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir}: no {FILENAME} there, nor in checkpoint_* folders below it")
+    return load_usable_checkpoint(found[0].parent, run_dir, model_config)
+
+
+def load_resolved(path: str | Path, model_config: dict | None = None) -> tuple[dict, Path]:
+    """A run folder (its latest checkpoint: latest_checkpoint), a `checkpoint_*` folder or a
+    checkpoint file -> (its state, the file)."""
     path = Path(path)
     if path.is_dir() and not (path / FILENAME).exists():
-        found = run_checkpoints(path)
-        if not found:
-            raise CheckpointError(f"{path}: no {FILENAME} there, nor in checkpoint_* folders below it")
-        return found[0]
-    return path / FILENAME if path.is_dir() else path
+        state, folder, _ = latest_checkpoint(path, model_config)
+        return state, folder / FILENAME
+    file = path / FILENAME if path.is_dir() else path
+    return load_checkpoint(file, model_config), file
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder (its latest checkpoint: latest_checkpoint), a `checkpoint_*` folder or a
+    checkpoint file -> the file."""
+    return load_resolved(path)[1]
 
 
 def check_resume(run_dir: Path | storage.RemotePath, model_config: dict) -> list[str]:
@@ -109,10 +128,9 @@ def check_resume(run_dir: Path | storage.RemotePath, model_config: dict) -> list
     if isinstance(run_dir, storage.RemotePath):
         check_remote_resume(run_dir, model_config)
         return []
-    checkpoints = run_checkpoints(run_dir)
-    if not checkpoints:
+    if not run_checkpoints(run_dir):
         return []
-    state, used, skipped = load_usable_checkpoint(checkpoints[0].parent, run_dir, model_config)
+    state, used, skipped = latest_checkpoint(run_dir, model_config)
     return [f"{reason}; resuming from the older {used.name} (kimg {state['images_seen'] / 1000:.3f})"
             for reason in skipped]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from base.errors import UserError
-from progan.model.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from progan.model.checkpoint import CheckpointError, load_resolved
 from progan.model.config import Config, config_from_dict
 from progan.model.networks import Generator
 
@@ -78,10 +78,10 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_trained_generator(path: str | Path, raw: bool = False, device: str | torch.device = "cpu") -> TrainedGenerator:
-    """`path`: a run folder (its newest checkpoint), a `checkpoint_*` folder or a checkpoint file.
+    """`path`: a run folder (its latest checkpoint, the newest that loads completely, as --resume
+    takes: checkpoint.latest_checkpoint), a `checkpoint_*` folder or a checkpoint file.
     Raises CheckpointError (one line) for anything that is not a usable checkpoint."""
-    file = resolve_checkpoint(path)
-    state = load_checkpoint(file)
+    state, file = load_resolved(path)
     try:
         cfg = config_from_dict(state["config"])
         m = cfg.model

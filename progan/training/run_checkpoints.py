@@ -4,6 +4,8 @@ fail the same way on every restart."""
 from __future__ import annotations
 
 import dataclasses
+import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -12,11 +14,41 @@ import ray.train
 import torch.distributed as dist
 
 from base import storage
-from progan.model.checkpoint import load_usable_checkpoint, save_checkpoint
+from progan.model.checkpoint import latest_checkpoint, load_usable_checkpoint, run_checkpoints, save_checkpoint
 from progan.training.phase_training import PhaseTraining
 from progan.training.run_log import RunLog, repeated_error
 from progan.training.run_state import RunState, SavedOptimizers, rng_state, weights_digest
 from progan.model.samples import fixed_latents, sample_name, write_sample_grid
+
+# the folders Ray Train makes for a run's checkpoints (checkpoint_%Y-%m-%d_%H-%M-%S.%f)
+RAY_CHECKPOINT_NAME = re.compile(r"checkpoint_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}\.\d{6}")
+
+# Ray Train's record of a run's checkpoints, in the run folder; a folder it names must stay (a
+# resume refuses a run folder whose record names a missing checkpoint)
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def remove_stray_checkpoints(run_dir: Path | storage.RemotePath, num_to_keep: int) -> list[str]:
+    """For a run folder on this machine, while no trainer runs on it (before a resume, after a run
+    ends or is interrupted): removes the checkpoint folders beyond `num_to_keep` that Ray Train no
+    longer knows of. Ray removes the old ones it knows; an attempt stopped by Ctrl-C or a crash
+    left ones it had lost track of. Only folders named as Ray names them and older than the
+    newest `num_to_keep`, never one that Ray's record names. Returns the names removed."""
+    if not isinstance(run_dir, Path) or not run_dir.is_dir():
+        return []
+    try:
+        named = set(RAY_CHECKPOINT_NAME.findall((run_dir / RAY_SNAPSHOT).read_text()))
+    except FileNotFoundError:
+        named = set()
+    ours = sorted((folder for folder in run_dir.iterdir()
+                   if RAY_CHECKPOINT_NAME.fullmatch(folder.name) and folder.is_dir() and not folder.is_symlink()),
+                  reverse=True)
+    removed = []
+    for folder in ours[num_to_keep:]:
+        if folder.name not in named:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
 
 
 class RunCheckpoints:
@@ -37,25 +69,29 @@ class RunCheckpoints:
         return self.run.images_seen >= self.next_images
 
     def restore(self) -> SavedOptimizers | None:
-        """The run's latest checkpoint (or, when it does not load, the newest older one that does)."""
-        checkpoint = ray.train.get_checkpoint()
-        self.resumed = checkpoint is not None
-        if checkpoint is None:
-            self.run.seed_rank(self.rank)
-            self.log.event("start", world_size=self.world, kimg=0.0)
-            return None
-        local = isinstance(self.run_dir, Path)  # older checkpoints to fall back on: in a local run folder only
-        with checkpoint.as_directory() as directory:
-            older_in = self.run_dir if local else directory
-            state, used, skipped = load_usable_checkpoint(directory, older_in, dataclasses.asdict(self.run.cfg.model))
+        """The run's latest checkpoint. In a run folder on this machine: the newest one on disk that
+        loads completely (progan.model.checkpoint.latest_checkpoint, as generate and the other
+        tools take it), also when Ray's snapshot of the run lacks it (the run was stopped just after
+        writing it). On object storage: Ray's latest, which must load."""
+        model = dataclasses.asdict(self.run.cfg.model)
+        local = isinstance(self.run_dir, Path)
+        if local and run_checkpoints(self.run_dir):
+            state, used, skipped = latest_checkpoint(self.run_dir, model)
+            self.restored = ray.train.Checkpoint(str(used))
+        else:
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is None:
+                self.run.seed_rank(self.rank)
+                self.log.event("start", world_size=self.world, kimg=0.0)
+                return None
+            with checkpoint.as_directory() as directory:
+                state, used, skipped = load_usable_checkpoint(directory, directory, model)
+            self.restored = checkpoint
+        self.resumed = True
         for reason in skipped:  # a checkpoint cut short or damaged: the run goes on from an older one
             self.log.event("checkpoint_unusable", reason=reason, resumed_from=used.name,
                            kimg=state["images_seen"] / 1000)
-        if not skipped:
-            self.restored = checkpoint
-        elif local:
-            self.restored = ray.train.Checkpoint(str(used))
-        self.rollbacks = self.restored.get_metadata().get("nan_rollbacks", 0) if self.restored else 0
+        self.rollbacks = self.restored.get_metadata().get("nan_rollbacks", 0)
         saved = self.run.load(state, self.rank, self.world)
         self.restored_images = self.images = self.run.images_seen
         self.next_images = self._next_after(self.images)
