@@ -25,14 +25,33 @@ What is decoded: only each sample's image member, of the format the manifest nam
 decoder for that format alone. webdataset's own decoders are never used: they unpickle members
 named .pyd/.pkl/.pickle and torch.load .pth ones, so a tar dropped into a shards folder could run
 code on every training worker. A sample without a decodable image of the stored size is skipped.
+
+Shards are checked, not trusted (each check once per process: the training worker, or each
+DataLoader worker):
+- When a shard is first read, its sha256 is computed (one streamed read) and compared with the
+  manifest's. A shard that differs (a header overwritten at the same size silently gave half its
+  faces) is left out, not read: the run goes on with the others, and a warning line names it,
+  once per shard and process. Left out rather than stopping the run because one damaged shard
+  of many should not cost a long run; when every shard a pass needs is left out, the pass below
+  stops it.
+- Only what the pipeline writes is read: a plain (uncompressed) tar of regular files, each member
+  at most MAX_MEMBER_BYTES (a 1024 px PNG face is about 3 MB). A compressed file, a link or
+  other member kind, or a larger member leaves the shard out in the same way; members of other
+  names than `<key>.<format>` and `<key>.json` are passed over unread.
+- A full pass over this rank's shards that gives no usable image at all (every sample skipped
+  or every shard left out: say, a manifest that names another resolution or image format than
+  the members hold) stops with a UserError naming the shard folder and the reason, instead of
+  looping for ever.
 """
 from __future__ import annotations
 
 import functools
 import io
+import hashlib
 import itertools
 import logging
 import random
+import tarfile
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -43,11 +62,17 @@ import webdataset as wds
 from PIL import Image
 
 from base import storage
+from base.errors import UserError
 from data_pipeline.manifest import require_manifest
 
 log = logging.getLogger(__name__)
 # The one PIL decoder each stored format may use (Image.open would otherwise try every plugin).
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG"}
+# The largest tar member a shard may hold: a 1024 px PNG face is about 3 MB, so this is ample,
+# and it bounds the memory one member can take (a member is read whole).
+MAX_MEMBER_BYTES = 64 * 1024 * 1024
+# Leading bytes of the compressed formats tarfile (and webdataset) would otherwise open.
+COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
 @dataclass(frozen=True)
@@ -101,12 +126,59 @@ def rank_slices(shards: list[tuple[str, int]], rank: int, world_size: int, pass_
     return slices
 
 
-def shard_samples(url: str) -> Iterator[dict]:
+class BadShard(Exception):
+    """A shard that is left out: not the plain tar the pipeline writes, or not the file the
+    manifest describes (one line)."""
+
+
+def shard_samples(url: str, image_format: str | None = None, max_member: int | None = None) -> Iterator[dict]:
     """The samples of one shard (a path or an object-store URL), streamed: the file is read in
-    blocks by webdataset's tar reader as the samples are used, never copied whole to disk.
-    Closing the iterator (a slice that ends early) closes the stream."""
+    blocks as the samples are used, never copied whole to disk. Closing the iterator (a slice
+    that ends early) closes the stream. Only a plain tar of regular files is read, each member
+    at most `max_member` bytes (default MAX_MEMBER_BYTES; BadShard otherwise); with `image_format`, only members named
+    `<key>.<image_format>` and `<key>.json` are read, others passed over unread."""
     with storage.open_binary(url) as stream:
-        yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
+        check_plain_tar(stream.read(512))
+        stream.seek(0)
+        bound = MAX_MEMBER_BYTES if max_member is None else max_member
+        yield from wds.tariterators.group_by_keys(tar_members(stream, url, image_format, bound))
+
+
+def check_plain_tar(head: bytes) -> None:
+    """BadShard unless `head` (a file's first 512 bytes) starts a plain tar: no compression, a
+    ustar header."""
+    for magic, name in COMPRESSION_MAGIC.items():
+        if head.startswith(magic):
+            raise BadShard(f"it is {name}-compressed, not the plain tar the pipeline writes")
+    if len(head) < 512 or head[257:262] != b"ustar":
+        raise BadShard("it is not a tar file (no ustar header)")
+
+
+def tar_members(stream, url: str, image_format: str | None, max_member: int) -> Iterator[dict]:
+    """{"fname", "data", "__url__"} of each member to read, for webdataset's group_by_keys."""
+    wanted = None if image_format is None else {image_format, "json"}
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as archive:  # "r|": a plain stream, no compression
+            for member in archive:
+                if not member.isreg():
+                    raise BadShard(f"member {member.name[:80]!r} is not a regular file")
+                if member.size > max_member:
+                    raise BadShard(f"member {member.name[:80]!r} is {member.size} bytes, above the "
+                                   f"{max_member} a shard member may hold")
+                parts = wds.tariterators.base_plus_ext(member.name)
+                if wanted is not None and (parts[0] is None or parts[1] not in wanted):
+                    continue
+                yield {"fname": member.name, "data": archive.extractfile(member).read(), "__url__": url}
+    except (tarfile.TarError, EOFError) as error:
+        raise BadShard(f"it is not a readable tar ({type(error).__name__}: {error})") from None
+
+
+def file_sha256(url: str) -> str:
+    digest = hashlib.sha256()
+    with storage.open_binary(url) as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class FaceStream(torch.utils.data.IterableDataset):
@@ -119,7 +191,13 @@ class FaceStream(torch.utils.data.IterableDataset):
         """Starts at the pass that `images_seen` (counted over all ranks) has reached, so a resumed
         run does not replay the first passes' order."""
         manifest = require_manifest(shard_dir)
+        self.shard_dir = shard_dir
         self.shards = shard_list(shard_dir, manifest)
+        self.sha256 = {storage.join(shard_dir, s["file"]): s["sha256"] for s in manifest["shards"]}
+        self.checked: set[str] = set()      # shards whose sha256 matched, in this process
+        self.left_out: dict[str, str] = {}  # shard -> why it is left out, in this process
+        self.pass_samples = self.pass_images = 0
+        self.first_reason = ""
         self.image_format = manifest["image_format"]
         self.resolution = int(manifest["resolution"])
         self.skipped = 0  # samples without a decodable image, in this process
@@ -132,24 +210,59 @@ class FaceStream(torch.utils.data.IterableDataset):
         """This rank's encoded samples of one pass; with DataLoader workers, every n-th of them."""
         position = 0
         for part in rank_slices(self.shards, self.rank, self.world_size, pass_index, self.seed):
-            samples = shard_samples(part.url)
-            for sample in itertools.islice(samples, part.skip, part.skip + part.take):
-                if position % workers == worker:
-                    yield sample
-                position += 1
+            if part.url in self.left_out or not self._checked(part.url):
+                self.pass_samples += 1  # counts as seen: a pass of left-out shards is no empty share
+                position += part.take
+                continue
+            try:
+                samples = shard_samples(part.url, self.image_format)
+                for sample in itertools.islice(samples, part.skip, part.skip + part.take):
+                    if position % workers == worker:
+                        self.pass_samples += 1
+                        yield sample
+                    position += 1
+            except BadShard as error:
+                self._leave_out(part.url, str(error))
+
+    def _checked(self, url: str) -> bool:
+        """Whether the shard's sha256 is the manifest's (computed when first read in this process);
+        a shard that differs is left out."""
+        if url not in self.checked:
+            try:
+                digest = file_sha256(url)
+            except OSError as error:
+                self._leave_out(url, f"it cannot be read ({storage.describe_error(error)})")
+                return False
+            if digest != self.sha256.get(url):
+                self._leave_out(url, "its sha256 is not the one the manifest records (changed or damaged since written)")
+                return False
+            self.checked.add(url)
+        return True
+
+    def _leave_out(self, url: str, reason: str) -> None:
+        """Leaves a shard out of this process's stream, with one warning line naming it."""
+        self.left_out[url] = reason
+        self.first_reason = self.first_reason or f"{url} is left out: {reason}"
+        log.warning("leaving out shard %s: %s", url, reason)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(f"{self.seed}/{self.first_pass}/{self.rank}/{worker}")
         for pass_index in itertools.count(self.first_pass):
+            self.pass_samples = self.pass_images = 0
             # shuffled within the pass, so a pass ends before the next begins (no image twice in a
             # pass); yields after a few hundred images (a quick first batch), then fills the buffer
             pipeline = wds.DataPipeline(functools.partial(self._pass_samples, pass_index, worker, workers),
                                         wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256), rng=rng),
                                         self._decoded_images)
             for image in pipeline:
+                self.pass_images += 1
                 yield torch.from_numpy(image)  # the array is a fresh copy: no second one
+            if self.pass_samples and not self.pass_images:
+                raise UserError(f"{self.shard_dir}: no usable image in a full pass over the shards "
+                                f"({self.image_format} at {self.resolution}x{self.resolution}, as the manifest says); "
+                                f"{self.first_reason or 'no sample decodes'}; make the shards again with python -m data_pipeline")
 
     def _decoded_images(self, samples: Iterator[dict]) -> Iterator[np.ndarray]:
         """Each sample's image as a writable uint8 HxWx3 array; samples without one are skipped."""
@@ -162,6 +275,7 @@ class FaceStream(torch.utils.data.IterableDataset):
     def _skip(self, sample: dict, reason: str) -> None:
         """Counts a skipped sample; only the first one gets a warning line (per process)."""
         self.skipped += 1
+        self.first_reason = self.first_reason or f"first {sample.get('__key__')} in {sample.get('__url__')}: {reason}"
         if self.skipped == 1:
             log.warning("skipping shard samples without a decodable %s image, first %s in %s: %s",
                         self.image_format, sample.get("__key__"), sample.get("__url__"), reason)
@@ -215,9 +329,20 @@ class BatchReader:
         self.images = iter(())
 
     def next_batch(self, batch_size: int, resolution: int) -> torch.Tensor:
-        images = torch.stack([next(self.images) for _ in range(batch_size)]).to(self.device)
+        try:
+            images = torch.stack([next(self.images) for _ in range(batch_size)]).to(self.device)
+        except UserError as error:
+            raise UserError(worker_error_line(str(error))) from None
         images = to_training_range(images, resolution)
         return mirror_randomly(images, self.flips) if self.mirror else images
+
+
+def worker_error_line(message: str) -> str:
+    """A UserError's own line out of the text a DataLoader worker's error arrives with ("Caught
+    UserError in DataLoader worker process 0." and the worker's traceback)."""
+    marker = "UserError: "
+    last = [line for line in message.splitlines() if line.strip()][-1:] or [message]
+    return last[0].split(marker, 1)[1] if marker in last[0] else last[0]
 
 
 def to_training_range(images: torch.Tensor, resolution: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ Imports nothing heavy, so the CLI can check a finished output before it loads to
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,16 +65,71 @@ def write_rejects(folder: Path, outcomes: Iterable[Outcome]) -> None:
 
 def read_manifest(folder: Path | str) -> dict | None:
     """The manifest if the folder (a path, or an object-store URL such as s3://bucket/prefix)
-    holds a complete output (every listed shard present at its size), else None."""
+    holds a complete output (every listed shard present at its size), else None. A manifest of
+    this format whose fields have the wrong type or value is a UserError naming the field
+    (`check_manifest_fields`): it is never trusted as far as a traceback."""
+    location = storage.join(folder, MANIFEST_NAME)
     try:
-        manifest = json.loads(storage.read_text(storage.join(folder, MANIFEST_NAME)))
-        sizes = storage.file_sizes(folder)
-        shards_present = all(sizes.get(shard["file"]) == shard["bytes"] for shard in manifest["shards"])
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = json.loads(storage.read_text(location))
+    except (OSError, ValueError):
         return None
-    if manifest.get("format_version") != FORMAT_VERSION or not shards_present:
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        return None
+    check_manifest_fields(manifest, location)
+    try:
+        sizes = storage.file_sizes(folder)
+    except OSError:
+        return None
+    if not all(sizes.get(shard["file"]) == shard["bytes"] for shard in manifest["shards"]):
         return None
     return manifest
+
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def check_manifest_fields(manifest: dict, location: str) -> None:
+    """UserError (one line naming the field) unless every field a reader uses is of the right
+    type and range: resolution a power of two from 4 to 1024, image_format one the pipeline
+    writes, counts non-negative integers, each shard a plain file name (no '/', no '..') with a
+    non-negative sample count, a byte size and a sha256 of 64 hex digits."""
+    from data_pipeline.config import IMAGE_FORMATS
+
+    def bad(field: str, want: str, value: object) -> UserError:
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        return UserError(f"{location}: field {field} must be {want}, not {shown}; the manifest is damaged "
+                         f"(make the shards again with python -m data_pipeline)")
+
+    def count(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    resolution = manifest.get("resolution")
+    if not count(resolution) or not 4 <= resolution <= 1024 or resolution & (resolution - 1):
+        raise bad("resolution", "a power of two from 4 to 1024", resolution)
+    if manifest.get("image_format") not in IMAGE_FORMATS:
+        raise bad("image_format", f"one of {', '.join(IMAGE_FORMATS)}", manifest.get("image_format"))
+    counts = manifest.get("counts")
+    if not isinstance(counts, dict) or not all(isinstance(name, str) for name in counts):
+        raise bad("counts", "an object of counts", counts)
+    for name in ("faces_kept", *(n for n in counts if n != "faces_kept")):
+        if not count(counts.get(name)):
+            raise bad(f"counts.{name}", "a non-negative integer", counts.get(name))
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise bad("shards", "a list", shards)
+    for index, shard in enumerate(shards):
+        field = f"shards[{index}]"
+        if not isinstance(shard, dict):
+            raise bad(field, "an object", shard)
+        file = shard.get("file")
+        if not isinstance(file, str) or not file or "/" in file or "\\" in file or ".." in file:
+            raise bad(f"{field}.file", "a file name in the shards folder (no '/', no '..')", file)
+        for key in ("samples", "bytes"):
+            if not count(shard.get(key)):
+                raise bad(f"{field}.{key}", "a non-negative integer", shard.get(key))
+        if not isinstance(shard.get("sha256"), str) or not SHA256_HEX.fullmatch(shard["sha256"]):
+            raise bad(f"{field}.sha256", "64 hex digits", shard.get("sha256"))
 
 
 # The settings that shape the shards, as PrepareConfig and the manifest's "config" name them,
@@ -146,7 +202,7 @@ def check_face_count(shards: Path | str, workers: int, label: str) -> None:
         return
     counts = manifest["counts"]
     rejected = ", ".join(f"{name} {n}" for name, n in counts.items() if name not in ("files_seen", "faces_kept") and n)
-    found = f"{faces} faces in {counts['files_seen']} files ({rejected or 'no rejects'})"
+    found = f"{faces} faces in {counts.get('files_seen', '?')} files ({rejected or 'no rejects'})"
     if faces == 0:
         raise UserError(f"--data {label}: no usable face: {found}; give photos that each show a face "
                          f"(why each file was left out: {storage.join(shards, REJECTS_NAME)})")

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from data_pipeline.config import PrepareConfig
 from data_pipeline.faces import DETECT_BATCH, FaceDetector, FaceSettings, PhotoResult, describe
 from base import storage
+from base.errors import UserError
 from data_pipeline.manifest import (
     DUPLICATE, FORMAT_VERSION, KEPT, MANIFEST_NAME, REJECTS_NAME, UNREADABLE, Outcome, changed_settings,
     check_same_settings, count_outcomes, read_manifest, write_json, write_rejects,
@@ -116,7 +117,10 @@ def build_folder(output: str) -> Path:
 def publish(built: Path, output: str, manifest: dict) -> dict:
     """Uploads a complete local output to `output`, drops the shards of the earlier remote output
     (as its manifest lists them) that it does not list, then the local copy."""
-    previous = read_manifest(output)  # the shards of an earlier output there are ours to drop, no others
+    try:
+        previous = read_manifest(output)  # the shards of an earlier output there are ours to drop, no others
+    except UserError:  # a damaged earlier manifest: its shards are not known, so none is dropped
+        previous = None
     earlier = {shard["file"] for shard in previous["shards"]} if previous else set()
     storage.remove(storage.join(output, MANIFEST_NAME))
     listed = {shard["file"] for shard in manifest["shards"]}

@@ -373,3 +373,23 @@ def test_counts_have_an_upper_bound(args, message, tmp_path, capsys):
     code = evaluate.main(["--checkpoint", str(tmp_path / "missing"), "--data", str(tmp_path)] + list(map(str, args)))
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_a_damaged_manifest_or_shards_that_never_decode_give_one_line(run_dir, faces_dir, tmp_path, capsys):
+    """Issue 25: a string where a count belongs gave a traceback; a manifest naming another image
+    format than its members hold made evaluate loop for ever after one warning."""
+    photos = sorted((faces_dir / "aligned").glob("*.jpg"))[:6]
+    folder = write_face_shards(tmp_path / "shards", photos, 16)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    good = json.loads(json.dumps(manifest))
+    manifest["shards"][0]["samples"] = "6"
+    write_json(folder / MANIFEST_NAME, manifest)
+    code, out, err = run_cli(capsys, "--checkpoint", run_dir, "--data", folder, "--num-images", 8)
+    assert code == 2 and "field shards[0].samples must be a non-negative integer" in one_error_line(err), err
+
+    write_json(folder / MANIFEST_NAME, {**good, "image_format": "jpg"})  # the members are PNGs
+    code, out, err = run_cli(capsys, "--checkpoint", run_dir, "--data", folder, "--num-images", 8)
+    lines = [line for line in err.splitlines() if line.strip()]  # the note, progress, a warning, then the error
+    assert code == 2 and "Traceback" not in err, err
+    assert lines[-1].startswith("python -m progan.evaluate: error: ") and str(folder) in lines[-1], err
+    assert "no usable image in a full pass" in lines[-1] and "jpg" in lines[-1], err

@@ -62,8 +62,8 @@ def test_jpeg_shards_read_the_same_way(faces_dir, tmp_path):
         image.save(buffer, "JPEG", quality=95)
         samples.append(Sample(f"{index:040d}", buffer.getvalue(), "{}"))
     shard = write_shard(tmp_path / shard_name(0), samples, "jpg")
-    write_json(tmp_path / MANIFEST_NAME, {"format_version": FORMAT_VERSION, "resolution": STORED,
-                                          "image_format": "jpg", "shards": [asdict(shard)]})
+    write_json(tmp_path / MANIFEST_NAME, {"format_version": FORMAT_VERSION, "resolution": STORED, "image_format": "jpg",
+                                          "counts": {"faces_kept": 3}, "shards": [asdict(shard)]})
     images = first_images(FaceStream(str(tmp_path), 0, 1, seed=0, shuffle_buffer=4), 3)
     assert all(image.shape == (STORED, STORED, 3) and image.dtype == torch.uint8 for image in images)
 
@@ -84,9 +84,10 @@ def write_raw_shard(folder: Path, members: list[dict], image_format: str = "png"
     with wds.TarWriter(str(folder / shard_name(0)), encoder=False) as writer:
         for member in members:
             writer.write(member)
-    shard = {"file": shard_name(0), "samples": len(members), "bytes": (folder / shard_name(0)).stat().st_size}
-    write_json(folder / MANIFEST_NAME, {"format_version": FORMAT_VERSION, "resolution": STORED,
-                                        "image_format": image_format, "shards": [shard]})
+    shard = {"file": shard_name(0), "samples": len(members), "bytes": (folder / shard_name(0)).stat().st_size,
+             "sha256": hashlib.sha256((folder / shard_name(0)).read_bytes()).hexdigest()}
+    write_json(folder / MANIFEST_NAME, {"format_version": FORMAT_VERSION, "resolution": STORED, "image_format": image_format,
+                                        "counts": {"faces_kept": len(members)}, "shards": [shard]})
 
 
 def real_images(faces_dir: Path, count: int) -> list[bytes]:
