@@ -1,7 +1,9 @@
 """The paper's building blocks: equalised learning rate, pixelwise norm, minibatch stddev."""
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,16 @@ class EqualizedConv2d(nn.Module):
             y = conv2d_gradfix.conv2d(x, self.weight, self.padding)
         else:
             y = F.conv2d(x, self.weight, None, padding=self.padding)
+        return self._bias_scale(y)
+
+    def forward_upsampled(self, x: torch.Tensor) -> torch.Tensor:
+        """self(upsample2x(x)) for a 3x3 layer with padding 1, as one transposed convolution
+        (upscale2d_conv2d): the same maths, without the 4x larger upsampled input."""
+        if self.weight.shape[-1] != 3 or self.padding != 1:
+            raise ValueError("forward_upsampled: a 3x3 convolution with padding 1 only")
+        return self._bias_scale(upscale2d_conv2d(x, self.weight))
+
+    def _bias_scale(self, y: torch.Tensor) -> torch.Tensor:
         return torch.add(self.bias[:, None, None], y, alpha=self.scale)
 
     def extra_repr(self) -> str:
@@ -96,11 +108,17 @@ class MinibatchStddev(nn.Module):
         self.group_size = group_size
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
+    def group(self, n: int) -> int:
+        """The group size a batch of n samples is split into: group_size, else (n not a multiple of
+        it) gcd(n, group_size); 1 (no stddev) for group_size <= 1 or n == 1."""
         g = min(self.group_size, n)
         if g <= 1 or n % g:
             g = 1 if g <= 1 else math.gcd(n, g)
+        return g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = self.group(n)
         if g <= 1:  # a stddev over one sample is zero; keep the channel so shapes do not change
             return torch.cat([x, x.new_zeros(n, 1, h, w)], dim=1)
         y = x.reshape(n // g, g, c, h, w)
@@ -108,6 +126,53 @@ class MinibatchStddev(nn.Module):
         y = torch.sqrt(y + self.eps).mean(dim=(1, 2, 3))               # one number per group
         y = y.repeat_interleave(g).reshape(n, 1, 1, 1).expand(n, 1, h, w)
         return torch.cat([x, y], dim=1)
+
+
+# ---------------------------------------------------------------- fused resampling convolutions
+# The official code's fused_scale (networks.py upscale2d_conv2d, conv2d_downscale2d): a nearest 2x
+# upsample then a 3x3 convolution (padding 1) is one 4x4 stride-2 transposed convolution, and a 3x3
+# convolution then a 2x2 average pool is one 4x4 stride-2 convolution, each with a kernel derived
+# from the 3x3 one (zero-padded to 5x5, the four 4x4 corners summed). Both are linear in x and in
+# the weight, so values and derivatives of every order are those of the two-op form.
+
+_fused: bool | None = None  # None: on for CUDA tensors, off elsewhere
+
+
+@contextlib.contextmanager
+def fused_resampling(enabled: bool | None) -> Iterator[None]:
+    """Within the block G's fused upsample+conv is on (True) or off (False) on every device;
+    None: the default (CUDA only: on the CPU the two-op form measured faster)."""
+    global _fused
+    before, _fused = _fused, enabled
+    try:
+        yield
+    finally:
+        _fused = before
+
+
+def fused_resampling_active(x: torch.Tensor) -> bool:
+    return x.is_cuda if _fused is None else _fused
+
+
+def _corner_sum(weight: torch.Tensor) -> torch.Tensor:
+    """[o, i, 3, 3] -> [o, i, 4, 4]: the 3x3 kernel zero-padded by 1, its four 4x4 corners summed."""
+    w = F.pad(weight, (1, 1, 1, 1))
+    return w[..., 1:, 1:] + w[..., :-1, 1:] + w[..., 1:, :-1] + w[..., :-1, :-1]
+
+
+def upscale2d_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.conv2d(upsample2x(x), weight, padding=1) for a 3x3 `weight` [out, in, 3, 3], as one
+    stride-2 transposed convolution with 4/9 of the multiply-adds. conv_transpose2d scatters
+    rather than correlates, so the derived kernel is flipped (the official TF code needs no flip)."""
+    w = _corner_sum(weight).flip(-2, -1).transpose(0, 1)
+    return F.conv_transpose2d(x, w, None, stride=2, padding=1)
+
+
+def conv2d_downscale2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """downsample2x(F.conv2d(x, weight, padding=1)) for a 3x3 `weight`, as one 4x4 stride-2
+    convolution (even input sides). Not used by the critic: its blocks pool after the leaky ReLU
+    (conv, bias, act, pool), which a linear fusion cannot reproduce exactly."""
+    return F.conv2d(x, _corner_sum(weight) * 0.25, None, stride=2, padding=1)
 
 
 def upsample2x(x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Each loss takes the critic as a callable `D(images) -> scores`, so the same code runs on a bare
 module, a DDP-wrapped one or a lambda that fixes the resolution and alpha. Reals and fakes go
-through D in separate calls so the minibatch-stddev layer never mixes them.
+through D in separate calls so the minibatch-stddev layer never mixes them, or, with
+`joint=True` (the caller's promise that it changes nothing: Discriminator.joins), in one call on
+both concatenated, which gives the same scores.
 
 Penalties are on the official scale. The official critic always receives full-resolution
 images (reals and G's output nearest-upscaled to the final resolution, average-pooled back down
@@ -31,6 +33,14 @@ def _input_gradient_norm_sq(D: Critic, images: torch.Tensor) -> tuple[torch.Tens
     return scores, grad.pow(2).flatten(1).sum(1)
 
 
+def _scores(D: Critic, reals: torch.Tensor, fakes: torch.Tensor, joint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """D(reals), D(fakes): two calls, or one on both concatenated when `joint`."""
+    if not joint:
+        return D(reals), D(fakes)
+    real_scores, fake_scores = D(torch.cat([reals, fakes])).split([reals.shape[0], fakes.shape[0]])
+    return real_scores, fake_scores
+
+
 def _check_scale(resolution_scale: float) -> float:
     if not resolution_scale >= 1:
         raise ValueError(f"resolution_scale: got {resolution_scale!r}, expected max_resolution / resolution >= 1")
@@ -45,12 +55,12 @@ class WGANGP:
         self.gp_lambda, self.drift_epsilon, self.gp_target = gp_lambda, drift_epsilon, gp_target
 
     def critic_loss(self, D: Critic, reals: torch.Tensor, fakes: torch.Tensor, *, resolution_scale: float,
-                    mix: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                    mix: torch.Tensor | None = None, joint: bool = False) -> tuple[torch.Tensor, dict]:
         """`resolution_scale`: max_resolution / the images' resolution (module docstring);
-        `mix`: the per-sample interpolation factors, U(0, 1) when not given."""
+        `mix`: the per-sample interpolation factors, U(0, 1) when not given; `joint`: reals and
+        fakes in one call (module docstring); the penalty's interpolates are a call of their own."""
         k = _check_scale(resolution_scale)
-        real_scores = D(reals)
-        fake_scores = D(fakes)
+        real_scores, fake_scores = _scores(D, reals, fakes, joint)
         if mix is None:
             mix = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
         _, grad_sq = _input_gradient_norm_sq(D, torch.lerp(reals, fakes.detach(), mix))
@@ -75,7 +85,8 @@ class LogisticR1:
         self.r1_gamma = r1_gamma
 
     def critic_loss(self, D: Critic, reals: torch.Tensor, fakes: torch.Tensor, *,
-                    resolution_scale: float) -> tuple[torch.Tensor, dict]:
+                    resolution_scale: float, joint: bool = False) -> tuple[torch.Tensor, dict]:
+        """`joint` is accepted and unused: the reals' call is the penalty's (their input gradient)."""
         k = _check_scale(resolution_scale)
         real_scores, grad_sq = _input_gradient_norm_sq(D, reals)
         fake_scores = D(fakes)
@@ -94,11 +105,10 @@ class LeastSquares:
     """LSGAN (Mao et al.): D pushes reals to 1 and fakes to 0; G pushes fakes to 1."""
 
     def critic_loss(self, D: Critic, reals: torch.Tensor, fakes: torch.Tensor, *,
-                    resolution_scale: float) -> tuple[torch.Tensor, dict]:
+                    resolution_scale: float, joint: bool = False) -> tuple[torch.Tensor, dict]:
         """No penalty, so no input gradient: `resolution_scale` is accepted and unused, and
-        grad_penalty and grad_norm are reported as 0 (not computed)."""
-        real_scores = D(reals)
-        fake_scores = D(fakes)
+        grad_penalty and grad_norm are reported as 0 (not computed); `joint` as in WGANGP."""
+        real_scores, fake_scores = _scores(D, reals, fakes, joint)
         loss = 0.5 * ((real_scores - 1).pow(2) + fake_scores.pow(2)).mean()
         zero = real_scores.new_zeros(())
         return loss, {"loss_d": loss.detach(), "grad_penalty": zero, "grad_norm": zero,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from progan.model.layers import (LRELU_GAIN, EqualizedConv2d, EqualizedLinear, LeakyReLU, MinibatchStddev,
-                           PixelNorm, downsample2x, upsample2x)
+                                 PixelNorm, downsample2x, fused_resampling_active, upsample2x)
 
 
 def feature_maps(resolution: int, fmap_base: int = 8192, fmap_max: int = 512) -> int:
@@ -59,13 +59,21 @@ class _LatentTo4x4(nn.Module):
 
 
 class _GrowBlock(nn.Sequential):
-    """G block: nearest 2x upsample, two 3x3 convs."""
+    """G block: nearest 2x upsample, two 3x3 convs. Where fused resampling is on (CUDA by default,
+    layers.fused_resampling), the upsample and the first conv run as one transposed convolution
+    (the official fused_scale): the same maths with 4/9 of the multiply-adds."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__(_ConvAct(cin, cout, 3, pixel_norm=True), _ConvAct(cout, cout, 3, pixel_norm=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(upsample2x(x))
+        if not fused_resampling_active(x):
+            return super().forward(upsample2x(x))
+        first = self[0]
+        x = first[0].forward_upsampled(x)
+        for module in list(first)[1:]:
+            x = module(x)
+        return self[1](x)
 
 
 class _ShrinkBlock(nn.Sequential):
@@ -129,6 +137,9 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
+    """The critic. `joins(n)`: whether one call on reals and fakes concatenated (n each) equals
+    two calls (the minibatch-stddev groups never straddle the two halves)."""
+
     def __init__(self, max_resolution: int = 1024, fmap_base: int = 8192, fmap_max: int = 512,
                  num_channels: int = 3, mbstd_group_size: int = 4):
         super().__init__()
@@ -143,6 +154,14 @@ class Discriminator(nn.Module):
 
     def modules_in_use(self, resolution: int, fading: bool) -> list[nn.Module]:
         return _modules_in_use(self.blocks, self.from_rgb, resolution, fading)
+
+    def joins(self, n: int) -> bool:
+        """True if D(cat([a, b])) == cat([D(a), D(b)]) for batches a, b of n samples each: every
+        other layer is per-sample, and minibatch stddev groups consecutive samples, so the two
+        calls form the same groups as the one call when the group size for n is that for 2n
+        (it divides n, so no group straddles the halves)."""
+        mbstd = self.blocks["4"].mbstd
+        return n >= 1 and mbstd.group(n) == mbstd.group(2 * n)
 
     def forward(self, img: torch.Tensor, resolution: int, alpha: float = 1.0) -> torch.Tensor:
         _check_resolution(resolution, self.max_resolution)

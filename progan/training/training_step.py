@@ -58,16 +58,17 @@ def in_precision(network, resolution: int, alpha: float, precision: str):
 
 def critic_step(G, D, opt_d: torch.optim.Optimizer, loss, reals: torch.Tensor, resolution: int,
                 alpha: float, latent_size: int, resolution_scale: float, loss_weight: float = 1.0,
-                precision: str = "fp32") -> dict:
+                precision: str = "fp32", joint: bool = False) -> dict:
     """`loss_weight` multiplies the loss before backward (not the returned stats): a rank's
     share of an uneven split of the global minibatch (progan.model.schedule.share_weights).
-    `precision`: fp32 or bf16 (in_precision)."""
+    `precision`: fp32 or bf16 (in_precision). `joint`: reals and fakes through D in one call
+    (only where that gives the same scores: Discriminator.joins)."""
     z = torch.randn(reals.shape[0], latent_size, device=reals.device)
     with torch.no_grad():
         fakes = in_precision(G, resolution, alpha, precision)(z)
     opt_d.zero_grad(set_to_none=True)
     d_loss, stats = loss.critic_loss(in_precision(D, resolution, alpha, precision), reals, fakes,
-                                     resolution_scale=resolution_scale)
+                                     resolution_scale=resolution_scale, joint=joint)
     started = time.perf_counter()
     (d_loss * loss_weight if loss_weight != 1.0 else d_loss).backward()
     stats["backward_seconds"] = time.perf_counter() - started  # host time, with DDP's all-reduces
@@ -96,10 +97,14 @@ def train_step(G, D, D_module: nn.Module, opt_g, opt_d, loss, reals: torch.Tenso
                alpha: float, latent_size: int, loss_weight: float = 1.0, precision: str = "fp32") -> dict:
     """Critic step on `reals` (already faded, fp32), then a generator step on as many latents. The
     penalty's scale comes from D_module.max_resolution; `loss_weight` and `precision` (fp32 |
-    bf16) as in critic_step. The returned stats are fp32 either way."""
+    bf16) as in critic_step. The returned stats are fp32 either way. Reals and fakes go through
+    the critic in one call where D_module.joins says that gives the same scores (batch a multiple
+    of the minibatch-stddev group)."""
     check_precision(precision)
+    joins = getattr(D_module, "joins", None)
     stats = critic_step(G, D, opt_d, loss, reals, resolution, alpha, latent_size,
-                        resolution_scale_for(D_module, resolution), loss_weight, precision)
+                        resolution_scale_for(D_module, resolution), loss_weight, precision,
+                        joint=bool(joins is not None and joins(reals.shape[0])))
     g_stats = generator_step(G, D_module, opt_g, loss, reals.shape[0], resolution, alpha, latent_size,
                              reals.device, loss_weight, precision)
     stats["backward_seconds"] += g_stats.pop("backward_seconds")
