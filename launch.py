@@ -8,6 +8,7 @@ the dashboard URL, the run folder and where the final sample grid is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import shlex
 import signal
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from base.errors import OneLineParser, UserError, run_cli
-from cluster.local import TRAIN_SLOT, keep_ray_on_loopback, ray_cluster
+from cluster.local import TRAIN_SLOT, keep_ray_on_loopback, ray_cluster, token_authentication
 from data_pipeline.shard_cache import shards_for_run
 from monitoring.prometheus import prometheus_for_run, scrape_connected_cluster
 from progan.training.run_plan import RunPlan, plan_run, report
@@ -125,17 +126,24 @@ def train(plan: RunPlan, shards, local_nodes: bool) -> dict:
 
 
 def launch(args: argparse.Namespace) -> int:
-    plan = plan_run(args)
-    cfg = plan.cfg
-    keep_ray_on_loopback(cfg.cluster.address)  # before the preload thread or anything else imports Ray
-    plan.begin()
-    try:
-        return run(args, plan)
-    except KeyboardInterrupt:
-        print(interrupted_line(plan.run_dir), file=sys.stderr, flush=True)
-        return 130
-    finally:
-        remove_stray_checkpoints(plan)
+    with contextlib.ExitStack() as stack:
+        tokens: list = []
+
+        def before_ray(cfg, run_dir) -> None:
+            """Local nodes ask for a token of this run (cluster.local.token_authentication)."""
+            if not cfg.cluster.address:
+                tokens.append(stack.enter_context(token_authentication(run_dir.name)))
+
+        plan = plan_run(args, before_ray=before_ray)
+        keep_ray_on_loopback(plan.cfg.cluster.address)  # before the preload thread or anything else imports Ray
+        plan.begin()
+        try:
+            return run(args, plan, token=tokens[0] if tokens else None)
+        except KeyboardInterrupt:
+            print(interrupted_line(plan.run_dir), file=sys.stderr, flush=True)
+            return 130
+        finally:
+            remove_stray_checkpoints(plan)
 
 
 def remove_stray_checkpoints(plan: RunPlan) -> None:
@@ -147,7 +155,7 @@ def remove_stray_checkpoints(plan: RunPlan) -> None:
         remove(plan.run_dir, plan.cfg.checkpoint.num_to_keep)
 
 
-def run(args: argparse.Namespace, plan: RunPlan) -> int:
+def run(args: argparse.Namespace, plan: RunPlan, token: Path | None = None) -> int:
     cfg = plan.cfg
     if args.resume:
         remove_stray_checkpoints(plan)  # an interrupted attempt's, before Ray Train reads the folder
@@ -164,6 +172,10 @@ def run(args: argparse.Namespace, plan: RunPlan) -> int:
             scrape_connected_cluster(prometheus_dir)
         if dashboard:
             print(f"[launch] Ray dashboard: {dashboard}", flush=True)
+        if token:
+            print(f"[launch] this run's Ray asks for its token (a new one each run): paste the contents of {token} "
+                  f"when the dashboard asks; for `ray` commands set RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token}",
+                  flush=True)
         print(f"[launch] Ray ready after {time.time() - started:.1f} s", flush=True)
         shards = plan.data if plan.is_shards else shards_for_run(
             plan.data, cfg.model.max_resolution, cfg.checkpoint.run_root, plan.run_dir, plan.workers, cfg.data.path)

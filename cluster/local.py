@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
+import sys
+import tempfile
+from pathlib import Path
 from typing import Iterator
 
 from base.errors import UserError
@@ -124,6 +128,48 @@ def temporary_environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# Ray's token authentication (RAY_AUTH_MODE=token): its dashboard's HTTP API (job submission
+# included) and its gRPC servers ask every client for the token that RAY_AUTH_TOKEN_PATH names
+AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def token_folder() -> Path:
+    """Where the launcher keeps its runs' tokens: a folder only the user can open, under the user's
+    cache folder (never a run folder: no secret goes there)."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "progan" / "ray-auth"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder.chmod(0o700)
+    return folder
+
+
+@contextlib.contextmanager
+def token_authentication(name: str) -> Iterator[Path | None]:
+    """Token authentication for the local nodes this process is about to start: without it their
+    dashboard ran any job that anyone on this machine POSTed to 127.0.0.1. A fresh random token
+    per run, in a file only the user can read (0600, in token_folder()), is named to every Ray
+    process started inside the block and to this driver; the file is removed and the variables
+    put back at the end. Ray reads them once, when it is first imported, so this must come before
+    anything imports ray (the GPU check does): yields None, changing nothing, when Ray is already
+    imported here or the user has chosen RAY_AUTH_MODE themselves (theirs to keep)."""
+    if os.environ.get("RAY_AUTH_MODE") is not None or "ray" in sys.modules:
+        yield None
+        return
+    handle, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".token", dir=token_folder())  # mode 0600
+    with os.fdopen(handle, "w") as file:
+        file.write(secrets.token_urlsafe(32))
+    saved = {key: os.environ.pop(key, None) for key in AUTH_VARIABLES}
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": path})
+    try:
+        yield Path(path)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        Path(path).unlink(missing_ok=True)
 
 
 class LocalCluster:

@@ -195,3 +195,53 @@ def test_ctrl_c_says_where_the_run_stopped_and_resume_goes_on_from_there_leaving
     assert resumes and resumes[0]["kimg"] == pytest.approx(float(kimg)), resumes
     assert not any(stray.exists() for stray in strays)
     assert len([p for p in run.glob("checkpoint_*") if p.is_dir()]) <= 3  # TINY_OVERRIDES' num_to_keep
+
+
+def post_job(dashboard: str, headers: dict) -> int:
+    """The HTTP status of a job submission (a shell command) to a Ray dashboard."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{dashboard}/api/jobs/", method="POST", headers={
+        "Content-Type": "application/json", **headers}, data=json.dumps({"entrypoint": "true"}).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_the_runs_dashboard_refuses_job_submission_without_the_runs_token(faces_dir, tmp_path):
+    """Issue 25: a plain POST /api/jobs/ to the run's dashboard ran a shell command as the user
+    who started the run, for any local user or process. The launcher's local nodes now use Ray's
+    token authentication with a fresh token per run, in a file only the user can read, outside
+    the run folder, removed when the run ends; the run's own driver and workers train as before."""
+    photos = copy_test_photos(faces_dir, tmp_path / "photos")
+    command = launch_command(photos, tmp_path / "runs", "--run-name", "locked", "schedule.total_kimg=0.256")
+    command[command.index("--nodes") + 1] = "1"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH_")}
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines, dashboard, token_file = [], None, None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[launch] Ray dashboard: "):
+            dashboard = line.split(": ", 1)[1].strip()
+        found = re.search(r"paste the contents of (\S+) when the dashboard asks", line)
+        if found:
+            token_file = Path(found.group(1))
+            break
+    assert dashboard and token_file, "".join(lines)[-3000:]
+    assert token_file.is_file() and token_file.stat().st_mode & 0o777 == 0o600
+    assert str(tmp_path / "runs") not in str(token_file)  # no secret in the run folder
+    token = token_file.read_text().strip()
+    assert len(token) >= 32
+    assert post_job(dashboard, {}) == 401
+    assert post_job(dashboard, {"Authorization": "Bearer not-the-token"}) == 403
+    rest = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, rest[-3000:]
+    assert "Traceback" not in rest, rest[-3000:]
+    assert not token_file.exists()  # a new token for the next run
+    run = tmp_path / "runs" / "locked"
+    assert token not in "".join(p.read_text(errors="replace") for p in run.rglob("*") if p.is_file() and p.suffix in (
+        ".jsonl", ".yaml", ".json"))

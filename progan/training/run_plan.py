@@ -76,9 +76,13 @@ def clear_stop_request(stop: Path | storage.RemotePath) -> None:
                         f"move it away, then run again") from None
 
 
-def plan_run(args: argparse.Namespace) -> RunPlan:
-    """launch.py's arguments -> the checked plan (every check that can run before Ray starts)."""
+def plan_run(args: argparse.Namespace, before_ray=None) -> RunPlan:
+    """launch.py's arguments -> the checked plan (every check that can run before Ray starts).
+    `before_ray(cfg, run_dir)`: called once the config is known, before anything here imports Ray
+    (the GPU check does), for what must be set before Ray is first imported."""
     cfg, run_dir = resolve_config(args)
+    if before_ray is not None:
+        before_ray(cfg, run_dir)
     plan = RunPlan(cfg, run_dir, *check_training_data(cfg.data.path, cfg.model.max_resolution,
                                                       cfg.cluster.workers or cfg.cluster.nodes))
     if args.resume:
