@@ -52,11 +52,22 @@ class EqualizedConv2d(nn.Module):
         return self._bias_scale(upscale2d_conv2d(x, self.weight))
 
     def _bias_scale(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.add(self.bias[:, None, None], y, alpha=self.scale)
+        # in y's dtype: under bf16 autocast the convolution's output is bf16, and an fp32 bias
+        # would promote it (and every activation after it) to fp32
+        return torch.add(in_dtype_of(self.bias, y)[:, None, None], y, alpha=self.scale)
 
     def extra_repr(self) -> str:
         o, i, k, _ = self.weight.shape
         return f"{i}, {o}, kernel_size={k}, padding={self.padding}, scale={self.scale:.4g}"
+
+
+def low_precision(x: torch.Tensor) -> bool:
+    return x.dtype in (torch.float16, torch.bfloat16)
+
+
+def in_dtype_of(param: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`param` cast to y's dtype where they differ (autocast), else `param` itself (no op)."""
+    return param if param.dtype == y.dtype else param.to(y.dtype)
 
 
 class EqualizedLinear(nn.Module):
@@ -94,6 +105,8 @@ class PixelNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if low_precision(x):  # bf16/fp16: the mean of squares accumulated in fp32, the output in x's dtype
+            return x * torch.rsqrt(x.float().pow(2).mean(dim=1, keepdim=True) + self.eps).to(x.dtype)
         return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
 
 
@@ -121,10 +134,11 @@ class MinibatchStddev(nn.Module):
         g = self.group(n)
         if g <= 1:  # a stddev over one sample is zero; keep the channel so shapes do not change
             return torch.cat([x, x.new_zeros(n, 1, h, w)], dim=1)
-        y = x.reshape(n // g, g, c, h, w)
+        # bf16/fp16: the statistics in fp32, the appended channel in x's dtype
+        y = (x.float() if low_precision(x) else x).reshape(n // g, g, c, h, w)
         y = (y - y.mean(dim=1, keepdim=True)).pow(2).mean(dim=1)       # variance over the group
         y = torch.sqrt(y + self.eps).mean(dim=(1, 2, 3))               # one number per group
-        y = y.repeat_interleave(g).reshape(n, 1, 1, 1).expand(n, 1, h, w)
+        y = y.to(x.dtype).repeat_interleave(g).reshape(n, 1, 1, 1).expand(n, 1, h, w)
         return torch.cat([x, y], dim=1)
 
 

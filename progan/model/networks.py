@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from progan.model.layers import (LRELU_GAIN, EqualizedConv2d, EqualizedLinear, LeakyReLU, MinibatchStddev,
-                                 PixelNorm, downsample2x, fused_resampling_active, upsample2x)
+                                 PixelNorm, downsample2x, fused_resampling_active, in_dtype_of, upsample2x)
 
 
 def feature_maps(resolution: int, fmap_base: int = 8192, fmap_max: int = 512) -> int:
@@ -54,7 +54,8 @@ class _LatentTo4x4(nn.Module):
         self.conv = _ConvAct(channels, channels, 3, pixel_norm=True)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.dense(z).view(-1, self.channels, 4, 4) + self.bias
+        x = self.dense(z).view(-1, self.channels, 4, 4)
+        x = x + in_dtype_of(self.bias, x)  # in the dense output's dtype (bf16 under autocast)
         return self.conv(self.act(x))
 
 
