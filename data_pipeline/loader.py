@@ -45,6 +45,7 @@ DataLoader worker):
 """
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import hashlib
@@ -309,7 +310,29 @@ LOADER_CHUNK = 16
 
 class BatchReader:
     """Float32 NCHW batches in [-1, 1] from a FaceStream: any batch size and resolution, for as
-    long as the training asks (the batch size and resolution change with the schedule)."""
+    long as the training asks (the batch size and resolution change with the schedule).
+
+    On the CPU a batch is read, converted and mirrored when asked for, as always.
+
+    On a CUDA device nothing in the hand-over blocks on the GPU: each batch's uint8 images are
+    stacked in pinned memory, with its flip mask (drawn on the CPU from the same generator, so
+    the batches are bit for bit those of the CPU path), and copied with non_blocking=True on a
+    side stream (CudaStaging). When the step asks for batch i, its copy was queued at the
+    previous call, while the previous step ran; the step's stream waits on the copy's event (a
+    wait on the device, not on the host), the conversion and mirroring are queued there, and
+    batch i+1 is taken from the stream and its copy queued before next_batch returns. Batch i+1
+    is sent at batch i's size; when the schedule then asks for another size, its images go back
+    to the front of the stream and the generator to its state before them, so every batch is
+    still the one the CPU path would give. An error from the stream while taking batch i+1 is
+    raised when batch i+1 is asked for, as before.
+
+    What the step waited for data (`data_wait_share`): the loop counts the host time spent in
+    next_batch (taking images from the stream, decoding in-process or waiting on DataLoader
+    workers, stacking; on CUDA it no longer includes waiting for the GPU to finish the queued
+    step), plus stream_wait_seconds(): on CUDA, for each batch, how long the step's stream
+    stood waiting on the copy, from CUDA events (recorded where the step's stream began to wait,
+    and where the copy ended), read once both have completed (never waiting for them), so a
+    step's stall is counted a step or two later. 0.0 on the CPU."""
 
     def __init__(self, stream: FaceStream, mirror: bool, seed: int, loader_workers: int = 0,
                  device: str | torch.device = "cpu"):
@@ -322,19 +345,119 @@ class BatchReader:
         self.images = iter(stream)
         self.mirror, self.device = mirror, torch.device(device)
         self.flips = torch.Generator().manual_seed(seed)
+        self.staging = CudaStaging(self.device) if self.device.type == "cuda" else None
+        self.staged: Staged | None = None  # the next batch, on its way to the device (CUDA only)
+        self.flips_before_staged: torch.Tensor | None = None  # the generator's state before its flips
+        self.deferred: Exception | None = None  # met while taking the next batch: raised when it is asked for
 
     def close(self) -> None:
         """Ends the DataLoader processes now (dropping the last reference shuts them down), not at
         interpreter exit, where their teardown can crash."""
         self.images = iter(())
+        self.staged = None
 
     def next_batch(self, batch_size: int, resolution: int) -> torch.Tensor:
+        if self.staging is None:
+            images = torch.stack(self._take(batch_size)).to(self.device)
+            images = to_training_range(images, resolution)
+            return mirror_randomly(images, self.flips) if self.mirror else images
+        images, flip = self.staging.hand_over(self._staged(batch_size))
+        images = to_training_range(images, resolution)
+        images = mirror_with(images, flip) if flip is not None else images
+        try:  # the next batch's copy runs while this step does
+            self._stage(batch_size)
+        except Exception as error:  # noqa: BLE001 - raised again when that batch is asked for
+            self.deferred = error
+        return images
+
+    def stream_wait_seconds(self) -> float:
+        """Seconds the step's stream waited on batch copies, of the waits measured since the last
+        call (see the class docstring); 0.0 on the CPU."""
+        return 0.0 if self.staging is None else self.staging.wait_seconds()
+
+    def _take(self, batch_size: int) -> list[torch.Tensor]:
         try:
-            images = torch.stack([next(self.images) for _ in range(batch_size)]).to(self.device)
+            return [next(self.images) for _ in range(batch_size)]
         except UserError as error:
             raise UserError(worker_error_line(str(error))) from None
-        images = to_training_range(images, resolution)
-        return mirror_randomly(images, self.flips) if self.mirror else images
+
+    def _stage(self, batch_size: int) -> None:
+        """Takes the next batch from the stream and queues its copy to the device."""
+        state = self.flips.get_state()
+        images = self._take(batch_size)
+        flip = flip_mask(batch_size, self.flips) if self.mirror else None
+        self.staged, self.flips_before_staged = self.staging.send(images, flip), state
+
+    def _staged(self, batch_size: int) -> "Staged":
+        """The staged batch if it has this size; otherwise (first call, or a new size) its images
+        and flip draws are given back and a batch of this size is staged now."""
+        staged, self.staged = self.staged, None
+        if staged is not None and staged.size != batch_size:
+            self.images = itertools.chain(staged.images, self.images)
+            self.flips.set_state(self.flips_before_staged)
+            staged = None
+        if staged is None:
+            if self.deferred is not None:
+                error, self.deferred = self.deferred, None
+                raise error
+            self._stage(batch_size)
+            staged, self.staged = self.staged, None
+        return staged
+
+
+@dataclass
+class Staged:
+    """A batch on its way to the device: its host images (given back if the batch size changes),
+    the device copies (uint8 NHWC, bool flip mask or None) and the copy's end event."""
+    size: int
+    images: list[torch.Tensor]
+    device_images: torch.Tensor
+    device_flip: torch.Tensor | None
+    done: object  # torch.cuda.Event
+
+
+class CudaStaging:
+    """Pinned-memory batches copied to a CUDA device on a side stream (see BatchReader)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.waits: collections.deque = collections.deque()  # (step stream began waiting, copy done)
+
+    def send(self, images: list[torch.Tensor], flip: torch.Tensor | None) -> Staged:
+        """Stacks the images in pinned memory and queues their copy (and the flip mask's) on the
+        side stream; returns at once. The pinned blocks are not reused before the copy ends
+        (PyTorch's pinned-memory allocator records the copy's event)."""
+        host = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=True)
+        torch.stack(images, out=host)
+        host_flip = flip.pin_memory() if flip is not None else None
+        with torch.cuda.stream(self.stream):
+            device_images = host.to(self.device, non_blocking=True)
+            device_flip = host_flip.to(self.device, non_blocking=True) if host_flip is not None else None
+            done = torch.cuda.Event(enable_timing=True)
+            done.record(self.stream)
+        return Staged(len(images), images, device_images, device_flip, done)
+
+    def hand_over(self, staged: Staged) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The staged tensors, for use on the current stream, which waits (on the device) for
+        their copy; the host goes on at once."""
+        current = torch.cuda.current_stream(self.device)
+        began = torch.cuda.Event(enable_timing=True)
+        began.record(current)
+        current.wait_event(staged.done)
+        staged.device_images.record_stream(current)  # allocated on the side stream, used on this one
+        if staged.device_flip is not None:
+            staged.device_flip.record_stream(current)
+        self.waits.append((began, staged.done))
+        return staged.device_images, staged.device_flip
+
+    def wait_seconds(self) -> float:
+        """The stream waits whose events have both completed (queried, never waited for)."""
+        total = 0.0
+        while self.waits and self.waits[0][0].query() and self.waits[0][1].query():
+            began, done = self.waits.popleft()
+            total += max(0.0, began.elapsed_time(done)) / 1000.0  # a copy done before the wait: none
+        return total
 
 
 def worker_error_line(message: str) -> str:
@@ -356,5 +479,15 @@ def to_training_range(images: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def mirror_randomly(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
+    return mirror_with(images, flip_mask(images.shape[0], generator))
+
+
+def flip_mask(count: int, generator: torch.Generator) -> torch.Tensor:
+    """Which of `count` images to mirror: drawn on the CPU from `generator`, a bool tensor."""
+    return torch.rand(count, generator=generator) < 0.5
+
+
+def mirror_with(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """NCHW images, those where `flip` is true mirrored left to right (`flip` moved to their
+    device if it is elsewhere: a blocking copy; BatchReader's CUDA path hands it over there)."""
+    return torch.where(flip.to(images.device)[:, None, None, None], images.flip(3), images)

@@ -163,9 +163,13 @@ class Trainer:
 
     def _train_phase(self, phase: Phase) -> None:
         while True:
+            # the data wait: host time in next_batch (which never waits for the GPU) plus, on
+            # CUDA, the time the step's stream stood waiting on batch copies (CUDA events, read
+            # once complete, so a step or two late): BatchReader's docstring
             waiting_since = time.perf_counter()
             reals = self.batches.next_batch(self.training.batch, phase.resolution)
-            self._train_one_step(phase, reals, data_wait=time.perf_counter() - waiting_since)
+            data_wait = time.perf_counter() - waiting_since + self.batches.stream_wait_seconds()
+            self._train_one_step(phase, reals, data_wait=data_wait)
             phase_done = self.run.images_seen >= round(phase.end_kimg * 1000)
             if phase_done or self.stop_requested or self.checkpoints.due():
                 self.nonfinite.check(self.run.kimg)  # never save weights a NaN has reached
