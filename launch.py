@@ -10,17 +10,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import shlex
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-from base.errors import OneLineParser, UserError, run_cli
-from cluster.local import TRAIN_SLOT, keep_ray_on_loopback, ray_cluster, token_authentication
+from base.errors import OneLineParser, run_cli
+from cluster.local import TRAIN_SLOT, keep_ray_on_loopback, ray_cluster, token_authentication, token_hint
 from data_pipeline.shard_cache import shards_for_run
 from monitoring.prometheus import prometheus_for_run, scrape_connected_cluster
+from progan.training.fit import fit_run, interrupted_line
 from progan.training.run_plan import RunPlan, plan_run, report
 
 
@@ -68,63 +68,6 @@ def preload_trainer() -> None:
     threading.Thread(target=load, name="preload-trainer", daemon=True).start()
 
 
-def fit_in_thread(trainer):
-    """trainer.fit() in a thread of its own, so that Ctrl-C reaches this (the main) thread as a
-    KeyboardInterrupt: in the main thread Ray Train installs its own SIGINT handler, which aborted
-    the run amid Ray's tracebacks and told nothing of how to go on."""
-    outcome: dict = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=fit, name="fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.5)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
-
-
-def interrupted_line(run_dir) -> str:
-    """What Ctrl-C prints, in one line: where the run stopped (its latest checkpoint, the one
-    --resume continues from) and the command that continues it."""
-    from progan.model.checkpoint import CheckpointError, latest_checkpoint
-
-    program = sys.argv[0] if Path(sys.argv[0]).name == "launch.py" else "launch.py"
-    command = f"python {shlex.quote(program)} --resume {shlex.quote(str(run_dir))}"
-    if isinstance(run_dir, Path):
-        try:
-            state, folder, _ = latest_checkpoint(run_dir)
-        except CheckpointError:
-            return f"interrupted before the run's first checkpoint; start it again with: {command}"
-        return (f"interrupted: the run stopped at its checkpoint at kimg {state['images_seen'] / 1000:.3f} "
-                f"({folder.name}); continue it with: {command}")
-    return f"interrupted: continue the run from its latest checkpoint with: {command}"
-
-
-def train(plan: RunPlan, shards, local_nodes: bool) -> dict:
-    """Ray Train on the cluster; on our own local nodes each worker also takes the node's TRAIN_SLOT."""
-    from ray.train import ControllerError
-
-    from progan.training.train_loop import build_trainer
-
-    trainer = build_trainer(plan.cfg, plan.run_dir, shards, plan.workers,
-                            train_slot=TRAIN_SLOT if local_nodes else None)
-    print(f"[launch] training: up to {plan.workers} workers", flush=True)
-    try:
-        return dict(fit_in_thread(trainer).metrics or {})
-    except ControllerError as exc:  # a fixed size the cluster did not give (build_trainer: not retried)
-        c = plan.cfg.cluster
-        reason = (str(exc.controller_failure).strip().splitlines() or [type(exc.controller_failure).__name__])[0]
-        raise UserError(f"the cluster did not start {c.min_workers} training workers within "
-                        f"cluster.worker_start_timeout_s={c.worker_start_timeout_s:g} s ({reason[:200]}); "
-                        f"add nodes, or pass fewer --min-nodes/--workers") from None
-
-
 def launch(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         tokens: list = []
@@ -143,22 +86,13 @@ def launch(args: argparse.Namespace) -> int:
             print(interrupted_line(plan.run_dir), file=sys.stderr, flush=True)
             return 130
         finally:
-            remove_stray_checkpoints(plan)
-
-
-def remove_stray_checkpoints(plan: RunPlan) -> None:
-    """Checkpoint folders beyond checkpoint.num_to_keep that an interrupted attempt left and Ray
-    Train no longer knows of: removed once no trainer runs on the run folder."""
-    if isinstance(plan.run_dir, Path) and any(plan.run_dir.glob("checkpoint_*")):
-        from progan.training.run_checkpoints import remove_stray_checkpoints as remove
-
-        remove(plan.run_dir, plan.cfg.checkpoint.num_to_keep)
+            plan.remove_stray_checkpoints()
 
 
 def run(args: argparse.Namespace, plan: RunPlan, token: Path | None = None) -> int:
     cfg = plan.cfg
     if args.resume:
-        remove_stray_checkpoints(plan)  # an interrupted attempt's, before Ray Train reads the folder
+        plan.remove_stray_checkpoints()  # an interrupted attempt's, before Ray Train reads the folder
     started = time.time()
     preload_trainer()
     # under `ray job submit --working-dir`, `monitoring` imported after ray.init was not found
@@ -173,14 +107,12 @@ def run(args: argparse.Namespace, plan: RunPlan, token: Path | None = None) -> i
         if dashboard:
             print(f"[launch] Ray dashboard: {dashboard}", flush=True)
         if token:
-            print(f"[launch] this run's Ray asks for its token (a new one each run): paste the contents of {token} "
-                  f"when the dashboard asks; for `ray` commands set RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token}",
-                  flush=True)
+            print(f"[launch] {token_hint(token)}", flush=True)
         print(f"[launch] Ray ready after {time.time() - started:.1f} s", flush=True)
         shards = plan.data if plan.is_shards else shards_for_run(
             plan.data, cfg.model.max_resolution, cfg.checkpoint.run_root, plan.run_dir, plan.workers, cfg.data.path)
         try:
-            metrics = train(plan, shards, local_nodes=local)
+            metrics = fit_run(plan, shards, train_slot=TRAIN_SLOT if local else None)
         except KeyboardInterrupt:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the nodes' shutdown short
             raise

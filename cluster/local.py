@@ -172,6 +172,12 @@ def token_authentication(name: str) -> Iterator[Path | None]:
         Path(path).unlink(missing_ok=True)
 
 
+def token_hint(token: Path) -> str:
+    """How a person reaches a run whose Ray asks for the token in `token`."""
+    return (f"this run's Ray asks for its token (a new one each run): paste the contents of {token} "
+            f"when the dashboard asks; for `ray` commands set RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token}")
+
+
 class LocalCluster:
     """Context manager: starts the head (with the dashboard on 127.0.0.1) and N-1 worker nodes,
     connects this process as the driver, and tears everything down on exit."""

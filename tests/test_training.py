@@ -291,14 +291,14 @@ def test_a_fixed_size_the_cluster_cannot_give_ends_after_the_start_timeout(clust
     """Issue 25: three workers with a training slot each on two nodes (as on a cluster started
     elsewhere, which launch.py cannot check beforehand) retried without end ("max allowed: inf");
     the run now ends after one worker start time-out, in one line."""
-    import launch
     from base.errors import UserError
+    from progan.training.fit import fit_run
 
     cfg = tiny_config("cluster.min_workers=3", "cluster.workers=3", "cluster.worker_start_timeout_s=5")
     shards = str(tmp_path / "shards")  # never read: no worker starts
     started = time.monotonic()
     with pytest.raises(UserError) as error:
-        launch.train(run_plan.RunPlan(cfg, tmp_path / "fixed", shards, True), shards, local_nodes=True)
+        fit_run(run_plan.RunPlan(cfg, tmp_path / "fixed", shards, True), shards, train_slot=TRAIN_SLOT)
     message = str(error.value)
     assert message.startswith("the cluster did not start 3 training workers within "
                               "cluster.worker_start_timeout_s=5 s (") and "\n" not in message, message

@@ -47,6 +47,14 @@ class RunPlan:
             save_config(self.cfg, local)
         print(f"[launch] run folder: {self.run_dir}", flush=True)
 
+    def remove_stray_checkpoints(self) -> None:
+        """Checkpoint folders beyond checkpoint.num_to_keep that an interrupted attempt left and Ray
+        Train no longer knows of: removed when no trainer runs on the run folder."""
+        if isinstance(self.run_dir, Path) and any(self.run_dir.glob("checkpoint_*")):
+            from progan.training.run_checkpoints import remove_stray_checkpoints  # imports Ray Train
+
+            remove_stray_checkpoints(self.run_dir, self.cfg.checkpoint.num_to_keep)
+
     def local_folder(self) -> Path:
         """The run folder for what stays on this machine (Prometheus's database): itself, or for a
         run on object storage a folder named after it in the system's temporary folder."""
