@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from progan.model import conv2d_gradfix
 from progan.model.losses import WGANGP
 from progan.model.networks import Discriminator, Generator, set_trainable
 from progan.model.layers import fade_reals
@@ -27,15 +28,18 @@ class StepSetup:
     then generator), with `fade_reals` inside it during a fade-in (alpha < 1).
 
     `widths`: Generator keyword arguments (max_resolution, latent_size, fmap_base, fmap_max; the
-    Discriminator takes the same less latent_size); empty: the paper's networks."""
+    Discriminator takes the same less latent_size); empty: the paper's networks. `precision`:
+    model.precision (fp32 | bf16); `conv_gradfix`: model.conv_gradfix (on CUDA)."""
 
     def __init__(self, resolution: int, batch: int, alpha: float = 1.0, device: str | torch.device = "cpu",
-                 channels_last: bool = True, widths: dict | None = None):
+                 channels_last: bool = True, widths: dict | None = None, precision: str = "fp32",
+                 conv_gradfix: bool = False):
         widths = dict(widths or {})
         d_widths = {k: v for k, v in widths.items() if k != "latent_size"}
         layout = memory_format(channels_last)
         if torch.device(device).type == "cuda":
             torch.backends.cudnn.benchmark = True  # shapes are fixed within a phase: autotune each conv once
+        conv2d_gradfix.use_on_cuda(conv_gradfix)
         torch.manual_seed(0)
         self.G = Generator(**widths).to(device, memory_format=layout)
         self.D = Discriminator(**d_widths).to(device, memory_format=layout)
@@ -44,13 +48,13 @@ class StepSetup:
         set_trainable(self.D, resolution, fading)
         self.opt_g, self.opt_d = (make_optimizer(net, *ADAM) for net in (self.G, self.D))
         self.loss = WGANGP()
-        self.resolution, self.alpha = resolution, alpha
+        self.resolution, self.alpha, self.precision = resolution, alpha, precision
         self.reals = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
 
     def step(self) -> dict:
         reals = fade_reals(self.reals, self.alpha)
         return train_step(self.G, self.D, self.D, self.opt_g, self.opt_d, self.loss, reals,
-                          self.resolution, self.alpha, self.G.latent_size)
+                          self.resolution, self.alpha, self.G.latent_size, precision=self.precision)
 
 
 def emit(result: dict, as_json: bool = True) -> None:

@@ -2,20 +2,24 @@
 
     python -m bench.gpu_check [--quick] [--budget 570] [--photos data/demo_faces] [--workdir DIR]
 
-Made to run in one go on a machine with one NVIDIA GPU (default budget 570 s, under ten minutes);
+Made to run in one go on a machine with one NVIDIA GPU (default budget 300 s);
 `--quick` runs the same checks at tiny sizes on a CPU machine (most of its time goes to starting
-Ray six times), so the script is known to work before a GPU ever runs it. Everything goes through the project's public
+Ray four times), so the script is known to work before a GPU ever runs it. Everything goes through the project's public
 entry points, so it follows the training loop's internals as they change:
 - environment: torch, CUDA, NCCL and Ray versions, the GPU's name, bf16 support;
 - shards: `python -m data_pipeline` on the photos (face shards at the largest resolution);
 - train: `launch.py --nodes 1` (Ray Train, one GPU worker, NCCL for CUDA tensors) from a config
-  written to the work folder, the schedule starting at the measured resolution
-  (schedule.start_resolution = model.max_resolution, so no time goes to smaller phases), at the
-  paper's widths (fmap_base 8192, fmap_max 512, latent 512) at 64x64 and 128x128, fp32 and bf16
-  (`model.precision=...` on the command line); images/s is the median of stats.jsonl's
-  img_per_s after the first stats line (warm-up: cuDNN's autotuning, the first allocations);
-- resume: `launch.py --resume` of the first finished run with half its steps added to total_kimg
-  (--override-config): it must go on from the saved kimg with the next step;
+  written to the work folder, at the paper's widths (fmap_base 8192, fmap_max 512, latent 512):
+  one run per precision (fp32, then `model.precision=bf16` on the command line) that starts at
+  64x64 (schedule.start_resolution), trains `steps` steps there, fades 128x128 in over a quarter
+  of that and trains `steps` steps at 128x128. Figures per resolution from its stable phase:
+  images/s and data_wait_share are medians of stats.jsonl's lines after the phase's first
+  (warm-up: cuDNN's autotuning, the first allocations). Three Ray starts in all, not six: the
+  fp32 run stops at the end of its fade-in, and its resume trains the 128x128 phase;
+- resume: `launch.py --resume` of that fp32 run with the full total_kimg (--override-config): it
+  must go on from the saved kimg with the next step;
+- step: bench.train_step (in this process, no Ray) at 128 and 256 in fp32, bf16, and bf16 with
+  model.conv_gradfix: the bare step's images/s at the paper's widths and minibatch sizes;
 - evaluate: `python -m progan.evaluate --json` (SWD) of the last 128x128 run's checkpoint,
   images/s = the real and generated images scored / seconds;
 - mtcnn: the pipeline's face detector (data_pipeline.faces.build_detector, bench/mtcnn.py's
@@ -53,8 +57,8 @@ PAPER_WIDTHS = {"latent_size": 512, "fmap_base": 8192, "fmap_max": 512}
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    resolutions: tuple[int, int]
-    steps: int                 # training steps per run (the resume adds half as many again)
+    resolutions: tuple[int, int]  # the run starts at the first and grows to the second
+    steps: int                 # training steps per stable phase (the fade-in takes a quarter of that)
     batch: int                 # global minibatch
     widths: dict
     log_every: int             # steps per stats line
@@ -62,12 +66,15 @@ class Sizes:
     photos: int                # photos for the shards and for MTCNN
     eval_images: int           # SWD images per set
     train_limit_s: float       # per training run, Ray's start included
+    bare_steps: dict           # bench.train_step: resolution -> batch (the paper's minibatch there)
 
 
-GPU_SIZES = Sizes(resolutions=(64, 128), steps=300, batch=32, widths=PAPER_WIDTHS, log_every=20,
-                  loader_workers=4, photos=100, eval_images=4096, train_limit_s=150)
+GPU_SIZES = Sizes(resolutions=(64, 128), steps=100, batch=32, widths=PAPER_WIDTHS, log_every=20,
+                  loader_workers=4, photos=100, eval_images=4096, train_limit_s=120,
+                  bare_steps={128: 32, 256: 16})
 QUICK_SIZES = Sizes(resolutions=(8, 16), steps=12, batch=8, widths={"latent_size": 32, "fmap_base": 256, "fmap_max": 32},
-                    log_every=3, loader_workers=0, photos=16, eval_images=64, train_limit_s=240)
+                    log_every=3, loader_workers=0, photos=16, eval_images=64, train_limit_s=240,
+                    bare_steps={8: 8, 16: 8})
 
 
 class Budget:
@@ -88,7 +95,7 @@ class Context:
     photos: Path
     gpu: bool
     shards: Path | None = None
-    runs: dict = dataclasses.field(default_factory=dict)  # (resolution, precision) -> run folder
+    runs: dict = dataclasses.field(default_factory=dict)  # precision -> run folder
 
 
 class CheckFailed(Exception):
@@ -175,34 +182,47 @@ def check_shards(ctx: Context) -> dict:
             "seconds": round(seconds, 1)}
 
 
-def write_config(ctx: Context, resolution: int) -> Path:
-    """The run's config: the schedule starts (and stays) at `resolution`, for `steps` steps."""
+def phase_kimg(ctx: Context) -> tuple[float, float]:
+    """(kimg of a stable phase, kimg of the fade-in)."""
     s = ctx.sizes
-    kimg = s.steps * s.batch / 1000
+    return s.steps * s.batch / 1000, s.steps // 4 * s.batch / 1000
+
+
+def write_config(ctx: Context) -> Path:
+    """The runs' config: the first resolution stable for `steps` steps, the second faded in over a
+    quarter of that, then stable for `steps` steps; checkpoints at the end of each phase."""
+    s = ctx.sizes
+    low, high = s.resolutions
+    stable, fade = phase_kimg(ctx)
     config = {
-        "model": {"max_resolution": resolution, **s.widths},
-        "schedule": {"start_resolution": resolution, "total_kimg": kimg,
-                     "minibatch": {resolution: s.batch}, "minibatch_default": s.batch},
+        "model": {"max_resolution": high, **s.widths},
+        "schedule": {"start_resolution": low, "total_kimg": 2 * stable + fade,
+                     "stabilize_kimg_at": {low: stable, high: stable}, "fade_kimg_at": {high: fade},
+                     "minibatch": {low: s.batch, high: s.batch}, "minibatch_default": s.batch},
         "data": {"loader_workers": s.loader_workers},
-        "checkpoint": {"every_kimg": kimg / 2, "num_to_keep": 2, "sample_grid": 4,
-                       "run_root": str(ctx.work / "runs")},
+        "checkpoint": {"every_kimg": fade, "num_to_keep": 2, "sample_grid": 4, "run_root": str(ctx.work / "runs")},
         "monitoring": {"log_every_steps": s.log_every, "swd_images": 0, "prometheus": False},
     }
-    path = ctx.work / f"config{resolution}.yaml"
+    path = ctx.work / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    check_single_phase(path, resolution, s.batch, s.steps)
+    check_phases(path, ctx)
     return path
 
 
-def check_single_phase(path: Path, resolution: int, batch: int, steps: int) -> None:
-    """The config trains only at `resolution` (one stable phase, no growth) for `steps` steps of
-    `batch`: what the images/s of the run are figures of."""
+def check_phases(path: Path, ctx: Context) -> None:
+    """The config trains what the figures are of: the two resolutions' stable phases of `steps`
+    steps of `batch`, with the fade-in between."""
     from progan.model.config import load_config
     from progan.model.schedule import build_phases
 
-    phases = [(p.resolution, p.fading, p.batch, round(p.end_kimg * 1000)) for p in build_phases(load_config(path))]
-    if phases != [(resolution, False, batch, steps * batch)]:
-        raise RuntimeError(f"{path}: phases {phases}, expected one stable phase at {resolution}x{resolution}")
+    s, (low, high) = ctx.sizes, ctx.sizes.resolutions
+    fade_steps = s.steps // 4
+    phases = [(p.resolution, p.fading, p.batch, round((p.end_kimg - p.start_kimg) * 1000))
+              for p in build_phases(load_config(path))]
+    expected = [(low, False, s.batch, s.steps * s.batch), (high, True, s.batch, fade_steps * s.batch),
+                (high, False, s.batch, s.steps * s.batch)]
+    if phases != expected:
+        raise RuntimeError(f"{path}: phases {phases}, expected {expected}")
 
 
 def launch_args(ctx: Context, *extra: str) -> list[str]:
@@ -222,6 +242,12 @@ def throughput(stats: list[dict]) -> dict:
             "finite": not any(s.get("nonfinite") for s in stats)}
 
 
+def per_resolution(stats: list[dict], resolutions: tuple[int, ...]) -> dict:
+    """throughput() of each resolution's stable phase: {"64": {...}, "128": {...}}."""
+    return {str(r): throughput([s for s in stats if s["resolution"] == r and s["phase"] == "stabilise"])
+            for r in resolutions}
+
+
 def trained_on_gpu(run: Path) -> bool | None:
     """Whether the run's newest checkpoint holds CUDA RNG states, which only a GPU worker saves."""
     import torch
@@ -233,50 +259,83 @@ def trained_on_gpu(run: Path) -> bool | None:
     return any(s is not None for s in state["cuda_rng_states"])
 
 
-def check_train(ctx: Context, resolution: int, precision: str) -> dict:
+def check_train(ctx: Context, precision: str) -> dict:
+    """One run from the first resolution to the second; fp32's stops at the end of the fade-in,
+    and check_resume trains its last phase."""
     if ctx.shards is None:
         raise CheckFailed("no shards (the shards check failed)")
-    name = f"train{resolution}-{precision}"
+    name = f"train-{precision}"
     run = ctx.work / "runs" / name
-    args = launch_args(ctx, "--config", str(write_config(ctx, resolution)), "--data", str(ctx.shards),
-                       "--run-name", name, f"model.precision={precision}")
+    stable, fade = phase_kimg(ctx)
+    stop_early = ["schedule.total_kimg=" + str(stable + fade)] if precision == "fp32" else []
+    args = launch_args(ctx, "--config", str(write_config(ctx)), "--data", str(ctx.shards),
+                       "--run-name", name, f"model.precision={precision}", *stop_early)
+    measured = ctx.sizes.resolutions[:1] if stop_early else ctx.sizes.resolutions
     try:
         seconds = run_logged(args, ctx.work / f"{name}.log", ctx.budget.limit(ctx.sizes.train_limit_s))
     except CheckFailed as exc:
-        raise CheckFailed(str(exc), throughput(read_jsonl(run / "stats.jsonl")))
-    ctx.runs[resolution, precision] = run
-    result = {**throughput(read_jsonl(run / "stats.jsonl")), "on_gpu": trained_on_gpu(run), "seconds": round(seconds, 1)}
-    fp32 = ctx.runs.get((resolution, "fp32"))
+        raise CheckFailed(str(exc), per_resolution(read_jsonl(run / "stats.jsonl"), measured))
+    ctx.runs[precision] = run
+    result = {**per_resolution(read_jsonl(run / "stats.jsonl"), measured), "on_gpu": trained_on_gpu(run),
+              "seconds": round(seconds, 1)}
+    fp32 = ctx.runs.get("fp32")
     if precision != "fp32" and fp32 is not None:
-        base = throughput(read_jsonl(fp32 / "stats.jsonl")).get("img_per_s")
-        result["speedup_over_fp32"] = round(result["img_per_s"] / base, 2) if base else None
+        base = per_resolution(read_jsonl(fp32 / "stats.jsonl"), ctx.sizes.resolutions)
+        result["speedup_over_fp32"] = {r: round(result[r]["img_per_s"] / base[r]["img_per_s"], 2)
+                                       if result[r].get("img_per_s") and base[r].get("img_per_s") else None
+                                       for r in base}
     return result
 
 
 def check_resume(ctx: Context) -> dict:
-    """The first run that finished, resumed with half its steps more: from its saved kimg, with the
-    next step (the first stats line after it is `log_every` steps on from the last one before)."""
-    if not ctx.runs:
-        raise CheckFailed("no finished run to resume")
-    run = next(iter(ctx.runs.values()))
+    """The fp32 run, stopped at the end of its fade-in, resumed to its full total_kimg: from its
+    saved kimg, with the next step (the first stats line after it is `log_every` steps on from
+    the last one before); its second resolution's figures come from this part."""
+    run = ctx.runs.get("fp32")
+    if run is None:
+        raise CheckFailed("no finished fp32 run to resume")
     before = read_jsonl(run / "stats.jsonl")
-    total = 1.5 * ctx.sizes.steps * ctx.sizes.batch / 1000
-    seconds = run_logged(launch_args(ctx, "--resume", str(run), "--override-config", f"schedule.total_kimg={total}"),
+    stable, fade = phase_kimg(ctx)
+    seconds = run_logged(launch_args(ctx, "--resume", str(run), "--override-config",
+                                     f"schedule.total_kimg={2 * stable + fade}"),
                          ctx.work / "resume.log", ctx.budget.limit(ctx.sizes.train_limit_s))
     resumes = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "resume"]
     after = read_jsonl(run / "stats.jsonl")[len(before):]
     result = {"run": run.name, "resumed_at_kimg": resumes[-1]["kimg"] if resumes else None, "saved_kimg": before[-1]["kimg"],
               "first_step_after": after[0]["step"] if after else None, "last_step_before": before[-1]["step"],
-              **throughput(after), "seconds": round(seconds, 1)}
+              **per_resolution(after, ctx.sizes.resolutions[1:]), "seconds": round(seconds, 1)}
     if result["resumed_at_kimg"] != result["saved_kimg"] \
             or result["first_step_after"] != result["last_step_before"] + ctx.sizes.log_every:
         raise CheckFailed("did not continue from the saved kimg", result)
     return result
 
 
+def check_bare_step(ctx: Context, resolution: int, precision: str, gradfix: bool = False) -> dict:
+    """bench.train_step in this process (no Ray, no second CUDA start) at `resolution` with the
+    paper's widths and the paper's minibatch there; its JSON line goes to a log file."""
+    import contextlib
+    import io
+
+    from bench import train_step
+
+    if ctx.budget.limit(60) < 10:
+        raise CheckFailed("skipped: the time budget is spent")
+    widths = ctx.sizes.widths
+    args = ["--resolution", str(resolution), "--batch", str(ctx.sizes.bare_steps[resolution]),
+            "--steps", "10" if ctx.gpu else "2", "--warmup", "3" if ctx.gpu else "1", "--peak-seconds", "0.05",
+            "--json", "--max-resolution", str(max(ctx.sizes.bare_steps)), "--precision", precision,
+            "--latent-size", str(widths["latent_size"]), "--fmap-base", str(widths["fmap_base"]),
+            "--fmap-max", str(widths["fmap_max"]), *(["--conv-gradfix"] if gradfix else [])]
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = train_step.main(args)
+    (ctx.work / f"step{resolution}-{precision}{'-gradfix' * gradfix}.log").write_text(out.getvalue())
+    return {key: result.get(key) for key in ("batch", "device", "img_per_s", "step_s", "fraction_of_peak",
+                                             "peak_gflop_per_s")}
+
+
 def check_evaluate(ctx: Context) -> dict:
     resolution = max(ctx.sizes.resolutions)
-    run = ctx.runs.get((resolution, "fp32")) or ctx.runs.get((resolution, "bf16"))
+    run = ctx.runs.get("bf16") or ctx.runs.get("fp32")
     if run is None or ctx.shards is None:
         raise CheckFailed(f"no {resolution}x{resolution} run to evaluate")
     log = ctx.work / "evaluate.log"
@@ -330,12 +389,14 @@ def check_mtcnn(ctx: Context) -> dict:
 
 def checks(ctx: Context) -> list[tuple[str, dict, object]]:
     """(name, fields that name the case, the check), in order: later checks use earlier results."""
-    listed = [("environment", {}, check_environment), ("shards", {}, check_shards)]
-    for resolution in ctx.sizes.resolutions:
-        for precision in ("fp32", "bf16"):
-            listed.append(("train", {"resolution": resolution, "precision": precision},
-                           lambda c, r=resolution, p=precision: check_train(c, r, p)))
-    listed += [("resume", {}, check_resume), ("evaluate", {}, check_evaluate), ("mtcnn", {}, check_mtcnn)]
+    listed = [("environment", {}, check_environment), ("shards", {}, check_shards),
+              ("train", {"precision": "fp32"}, lambda c: check_train(c, "fp32")), ("resume", {}, check_resume),
+              ("train", {"precision": "bf16"}, lambda c: check_train(c, "bf16"))]
+    for resolution in ctx.sizes.bare_steps:
+        for precision, gradfix in (("fp32", False), ("bf16", False), ("bf16", True)):
+            listed.append(("step", {"resolution": resolution, "precision": precision, "conv_gradfix": gradfix},
+                           lambda c, r=resolution, p=precision, g=gradfix: check_bare_step(c, r, p, g)))
+    listed += [("evaluate", {}, check_evaluate), ("mtcnn", {}, check_mtcnn)]
     return listed
 
 
@@ -356,7 +417,7 @@ def run_check(ctx: Context, name: str, case: dict, check) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, on the CPU when there is no GPU")
-    p.add_argument("--budget", type=float, default=570.0, help="seconds for the whole script")
+    p.add_argument("--budget", type=float, default=300.0, help="seconds for the whole script")
     p.add_argument("--photos", default=str(PROJECT / "data" / "demo_faces"), help="a folder of face photos")
     p.add_argument("--workdir", default=None, help="keep shards, runs and logs here (default: a temporary folder)")
     return p.parse_args(argv)

@@ -2,6 +2,7 @@
 
     python -m bench.train_step --resolution 32 --batch 8 --json [--steps N] [--warmup N]
                                [--alpha A] [--threads T] [--nchw] [--peak-seconds S]
+                               [--precision fp32|bf16] [--conv-gradfix]
                                [--max-resolution R] [--latent-size L] [--fmap-base B] [--fmap-max M]
                                [--compare-pro-gan [--peer-path DIR]]
 
@@ -255,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--peak-seconds", type=float, default=0.1,
                     help="about how long one call of each peak kernel takes (its size is grown to it)")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="model.precision of our step")
+    ap.add_argument("--conv-gradfix", action="store_true", help="model.conv_gradfix (CUDA only)")
     ap.add_argument("--nchw", action="store_true",
                     help="our networks in NCHW layout (default: channels-last, as model.channels_last)")
     add_width_args(ap)
@@ -270,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     nets = widths(args)
-    ours = StepSetup(args.resolution, args.batch, args.alpha, device, channels_last=not args.nchw, widths=nets)
+    ours = StepSetup(args.resolution, args.batch, args.alpha, device, channels_last=not args.nchw, widths=nets,
+                     precision=args.precision, conv_gradfix=args.conv_gradfix)
     runners = {"ours": ours.step}
     if args.compare_pro_gan:
         peer = _Peer(args.resolution, args.batch, args.alpha, device, ours.reals, args.peer_path)
@@ -295,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "bench": "train_step", "resolution": args.resolution, "batch": args.batch, "alpha": args.alpha,
         "device": str(device), "threads": torch.get_num_threads(), "channels_last": not args.nchw,
+        "precision": args.precision, "conv_gradfix": args.conv_gradfix,
         **nets, "steps": args.steps, "warmup": args.warmup,
         **_figures("", times["ours"], flops["ours"], args.batch, rates[peak_kernel]),
         "gflop_by_op": {op: round(n / 1e9, 3) for op, n in flops["ours"].items()},
