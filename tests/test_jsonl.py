@@ -2,7 +2,6 @@
 torn last line and say so once, the next append starts a line of its own, and the repeated-error
 policy still reads the events, so the run can be resumed (issue 25)."""
 import json
-from pathlib import Path
 
 import pytest
 

@@ -16,7 +16,7 @@ import data_pipeline.loader as loader
 from base.errors import UserError
 from data_pipeline.loader import BatchReader, FaceStream
 
-from test_loader import IMAGES, STORED, shard_dir  # noqa: F401  (the module's shard fixture)
+from test_loader import IMAGES, shard_dir  # noqa: F401  (the module's shard fixture)
 
 
 class ReferenceReader:
