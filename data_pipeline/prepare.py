@@ -79,8 +79,10 @@ def prepare(config: PrepareConfig, sources: list[Source] | None = None, show_pro
         return finished
     output = build_folder(config.output)
     output.mkdir(parents=True, exist_ok=True)
+    earlier = None
     if storage.is_remote(config.output):
         if config.overwrite:
+            earlier = listed_shards(config.output)  # dropped once the new output is there
             storage.remove(storage.join(config.output, MANIFEST_NAME))  # never a manifest over missing shards
         elif (built := read_manifest(output)) is not None and not changed_settings(built, config):
             return publish(output, config.output, built)  # built before, its upload cut short
@@ -94,7 +96,7 @@ def prepare(config: PrepareConfig, sources: list[Source] | None = None, show_pro
         bar.add([outcome.status for outcome in known_outcomes(plan, progress)])
         detect_faces(todo, settings, config.run_name, progress, bar)
     manifest = finish(output, plan, progress, config, settings)
-    return publish(output, config.output, manifest) if storage.is_remote(config.output) else manifest
+    return publish(output, config.output, manifest, earlier) if storage.is_remote(config.output) else manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,14 +116,19 @@ def build_folder(output: str) -> Path:
     return Path(root) / f"{storage.base_name(output)}-{digest}"
 
 
-def publish(built: Path, output: str, manifest: dict) -> dict:
-    """Uploads a complete local output to `output`, drops the shards of the earlier remote output
-    (as its manifest lists them) that it does not list, then the local copy."""
+def listed_shards(output: str) -> set[str]:
+    """The shards a complete output's manifest lists: the only ones there that are ours to drop."""
     try:
-        previous = read_manifest(output)  # the shards of an earlier output there are ours to drop, no others
-    except UserError:  # a damaged earlier manifest: its shards are not known, so none is dropped
+        previous = read_manifest(output)
+    except UserError:  # a damaged manifest: its shards are not known, so none is dropped
         previous = None
-    earlier = {shard["file"] for shard in previous["shards"]} if previous else set()
+    return {shard["file"] for shard in previous["shards"]} if previous else set()
+
+
+def publish(built: Path, output: str, manifest: dict, earlier: set[str] | None = None) -> dict:
+    """Uploads a complete local output to `output`, drops the shards of the earlier remote output
+    (`earlier`, default: as the manifest there lists them) that it does not list, then the local copy."""
+    earlier = listed_shards(output) if earlier is None else earlier
     storage.remove(storage.join(output, MANIFEST_NAME))
     listed = {shard["file"] for shard in manifest["shards"]}
     for name in sorted(listed) + [REJECTS_NAME, MANIFEST_NAME]:

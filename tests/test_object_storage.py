@@ -6,6 +6,7 @@ The AWS_* variables are set in this process before the module's Ray cluster star
 (and every worker they start) reach the bucket the way nodes of a real cluster do: through the
 standard variables (or a machine role), never through anything the project writes down.
 """
+import hashlib
 import itertools
 import json
 import os
@@ -87,20 +88,29 @@ def test_a_rerun_on_the_bucket_is_a_quick_no_op(s3, s3_shards, cluster):
 
 
 def test_overwrite_on_the_bucket_replaces_the_output_and_drops_extra_shards(s3, s3_shards, cluster):
-    """--overwrite over an earlier output (other settings, one shard more): the manifest goes first,
-    the new shards, rejects and manifest arrive, and the old output's extra shard is removed."""
+    """--overwrite over a complete earlier output (other settings, one shard more): the manifest goes
+    first, the new shards, rejects and manifest arrive, and the old output's extra shard (one its
+    manifest lists) is removed; a file of the user's there, which no manifest names, stays (issue 25)."""
     from data_pipeline.manifest import read_manifest
 
     photos, url = s3_shards
     target = f"s3://{BUCKET}/overwritten"
     fs = s3.filesystem()
     old = dict(read_manifest(url), resolution=32)
+    for shard in old["shards"]:
+        fs.copy(f"{url.split('://', 1)[1]}/{shard['file']}", f"{BUCKET}/overwritten/{shard['file']}")
+    extra = b"an earlier output's shard"
+    old["shards"] = [*old["shards"], {"file": "shard-000999.tar", "samples": 1, "bytes": len(extra),
+                                      "sha256": hashlib.sha256(extra).hexdigest()}]
+    fs.pipe_file(f"{BUCKET}/overwritten/shard-000999.tar", extra)
+    fs.pipe_file(f"{BUCKET}/overwritten/shard-mydata.tar", b"the user's own")
     fs.pipe_file(f"{BUCKET}/overwritten/manifest.json", json.dumps(old).encode())
-    fs.pipe_file(f"{BUCKET}/overwritten/shard-000999.tar", b"an earlier output's shard")
+    assert read_manifest(target) is not None  # a complete earlier output
     make_shards(photos, target, cluster.cluster.address, "--overwrite", "--shard-size", "32")
     manifest = read_manifest(target)
     assert manifest["resolution"] == 16 and manifest["config"]["shard_size"] == 32
-    assert set(object_names(s3, target)) == {s["file"] for s in manifest["shards"]} | {"manifest.json", "rejects.jsonl"}
+    assert set(object_names(s3, target)) == {s["file"] for s in manifest["shards"]} | {
+        "manifest.json", "rejects.jsonl", "shard-mydata.tar"}
 
 
 def test_wrong_credentials_stop_the_pipeline_in_one_line_without_the_secret(s3, s3_shards):
