@@ -21,7 +21,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from base import storage
@@ -332,5 +332,9 @@ def build_trainer(cfg: Config, run_dir: Path, shards: str | Path, workers: int,
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures,
                                          controller_failure_limit=-1 if scaling.elasticity_enabled else 0),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            # Train's own INFO lines (state transitions, "Did not detect any changes in the cluster
+            # resources" every 10 s of an elastic run, each reported checkpoint) stay in Ray's log
+            # files; the console keeps our progress lines and Train's warnings and errors
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
