@@ -115,11 +115,15 @@ def check_cluster(address: str | None, nodes: int, use_gpu: bool | None, dashboa
 
 
 @contextlib.contextmanager
-def temporary_environ(values: dict[str, str]) -> Iterator[None]:
-    """Sets environment variables for the processes started inside the block, then puts back
-    what was there before (unset ones are unset again)."""
+def temporary_environ(values: dict[str, str | None]) -> Iterator[None]:
+    """Sets environment variables (None: unsets one) for the processes started inside the block,
+    then puts back what was there before (unset ones are unset again)."""
     saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     try:
         yield
     finally:
@@ -128,11 +132,6 @@ def temporary_environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-# Ray's token authentication (RAY_AUTH_MODE=token): its dashboard's HTTP API (job submission
-# included) and its gRPC servers ask every client for the token that RAY_AUTH_TOKEN_PATH names
-AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 def token_folder() -> Path:
@@ -152,23 +151,19 @@ def token_authentication(name: str) -> Iterator[Path | None]:
     process started inside the block and to this driver; the file is removed and the variables
     put back at the end. Ray reads them once, when it is first imported, so this must come before
     anything imports ray (the GPU check does): yields None, changing nothing, when Ray is already
-    imported here or the user has chosen RAY_AUTH_MODE themselves (theirs to keep)."""
+    imported here or the user has chosen RAY_AUTH_MODE themselves (theirs to keep). (With
+    RAY_AUTH_MODE=token, Ray's dashboard HTTP API, job submission included, and its gRPC servers ask
+    every client for the token that RAY_AUTH_TOKEN_PATH names; a RAY_AUTH_TOKEN set would win.)"""
     if os.environ.get("RAY_AUTH_MODE") is not None or "ray" in sys.modules:
         yield None
         return
     handle, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".token", dir=token_folder())  # mode 0600
     with os.fdopen(handle, "w") as file:
         file.write(secrets.token_urlsafe(32))
-    saved = {key: os.environ.pop(key, None) for key in AUTH_VARIABLES}
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": path})
     try:
-        yield Path(path)
+        with temporary_environ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": path, "RAY_AUTH_TOKEN": None}):
+            yield Path(path)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         Path(path).unlink(missing_ok=True)
 
 
