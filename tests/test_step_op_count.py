@@ -3,27 +3,9 @@ at most what it was before the issue's rewrites."""
 import collections
 
 import pytest
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from progan.model.layers import fade_reals
-from progan.model.losses import WGANGP
-from progan.model.networks import Discriminator, Generator, set_trainable
-from progan.training.training_step import make_optimizer, train_step
-
-
-def tiny_setup(resolution: int, alpha: float, batch: int = 4, fade: bool = True):
-    """One train_step as a callable; `fade`: fade_reals inside it (as the loop does) or reals as given."""
-    torch.manual_seed(0)
-    G = Generator(max_resolution=resolution, latent_size=16, fmap_base=64, fmap_max=8)
-    D = Discriminator(max_resolution=resolution, fmap_base=64, fmap_max=8)
-    for net in (G, D):
-        set_trainable(net, resolution, alpha < 1.0)
-    opt_g, opt_d = (make_optimizer(m, 0.001, 0.0, 0.99, 1e-8) for m in (G, D))
-    reals = torch.randn(batch, 3, resolution, resolution)
-    return lambda precision="fp32": train_step(G, D, D, opt_g, opt_d, WGANGP(),
-                                               fade_reals(reals, alpha) if fade else reals,
-                                               resolution, alpha, 16, precision=precision)
+from test_step_host_reads import tiny_setup
 
 
 class OpCount(TorchDispatchMode):
