@@ -193,7 +193,7 @@ class LocalCluster:
         self.cpus_per_node, self.log_to_driver = cpus_per_node, log_to_driver
         self.cluster = None
         self.dashboard_url = ""
-        self._saved_address: tuple[str | None] | None = None  # RAY_ADDRESS before start(), put back by shutdown()
+        self._pinned_address = contextlib.ExitStack()  # RAY_ADDRESS for start(), put back by shutdown()
 
     def _node_args(self) -> dict:
         return {"num_cpus": self.cpus_per_node, "num_gpus": _gpus_per_node(self.nodes),
@@ -233,8 +233,7 @@ class LocalCluster:
         # from the start: see ADDRESS_VARIABLE.
         gcs_port = free_port()
         head["gcs_server_port"] = gcs_port
-        self._saved_address = (os.environ.get(ADDRESS_VARIABLE),)
-        os.environ[ADDRESS_VARIABLE] = f"127.0.0.1:{gcs_port}"
+        self._pinned_address.enter_context(temporary_environ({ADDRESS_VARIABLE: f"127.0.0.1:{gcs_port}"}))
         try:
             with temporary_environ(ports):
                 self.cluster = Cluster(initialize_head=True, head_node_args=head)
@@ -260,15 +259,6 @@ class LocalCluster:
         """The GCS address of these nodes (HOST:PORT)."""
         return self.cluster.address
 
-    def _restore_address(self) -> None:
-        if self._saved_address is None:
-            return
-        (before,), self._saved_address = self._saved_address, None
-        if before is None:
-            os.environ.pop(ADDRESS_VARIABLE, None)
-        else:
-            os.environ[ADDRESS_VARIABLE] = before
-
     def shutdown(self) -> None:
         import ray
         try:
@@ -277,7 +267,7 @@ class LocalCluster:
                 self.cluster.shutdown()
                 self.cluster = None
         finally:
-            self._restore_address()
+            self._pinned_address.close()
 
     def __enter__(self) -> "LocalCluster":
         return self.start()
