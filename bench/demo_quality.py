@@ -26,7 +26,7 @@ from progan.model.trained import load_trained_generator
 def real_crops(shard_dir: str, resolution: int) -> torch.Tensor:
     """Every crop of the shards once, float NCHW in [-1, 1] at `resolution`."""
     count = count_images(shard_dir)
-    stream = iter(FaceStream(shard_dir, rank=0, world_size=1, seed=0, shuffle_buffer=1))
+    stream = iter(FaceStream(shard_dir, rank=0, world_size=1, seed=0, shuffle_buffer=1, resolution=resolution))
     return to_training_range(torch.stack([next(stream) for _ in range(count)]), resolution)
 
 

@@ -15,6 +15,7 @@ import torch
 from facenet_pytorch import MTCNN
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from data_pipeline.levels import encoded_levels
 from data_pipeline.manifest import BELOW_THRESHOLD, KEPT, NO_FACE, NOT_AN_IMAGE, UNREADABLE
 from data_pipeline.sources import Source, content_key, read_bytes
 from monitoring.metrics import PipelineMetrics
@@ -96,6 +97,7 @@ class PhotoResult:
     detail: str = ""
     image: bytes = b""  # the encoded crop when status is KEPT
     meta: str = ""  # its JSON record
+    levels: list[bytes] = field(default_factory=list)  # its pyramid, ascending (levels.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,10 +340,21 @@ def crop_result(source: str, key: str, photo: Photo, detection: Detection, setti
         return PhotoResult(source, key, rejected.status, rejected.detail)
     crop, square = face_crop(photo, face, settings)
     meta = json.dumps(face_record(source, photo, face, square), sort_keys=True)
-    return PhotoResult(source, key, KEPT, image=encode(crop, settings.image_format), meta=meta)
+    image = encode(crop, settings.image_format)
+    return PhotoResult(source, key, KEPT, image=image, meta=meta,
+                       levels=encoded_levels(stored_pixels(crop, image, settings.image_format)))
 
 
-RESULT_COLUMNS = ("shard", "source", "key", "status", "detail", "image", "meta")
+def stored_pixels(crop: Image.Image, encoded: bytes, image_format: str) -> np.ndarray:
+    """The crop's pixels as a reader of the shards decodes them (JPEG is lossy): the pyramid is
+    made from these, so a level equals the stored image averaged down."""
+    if image_format == "png":
+        return np.asarray(crop)
+    with Image.open(io.BytesIO(encoded)) as decoded:
+        return np.asarray(decoded.convert("RGB"))
+
+
+RESULT_COLUMNS = ("shard", "source", "key", "status", "detail", "image", "meta", "levels")
 
 
 class FaceDetector:

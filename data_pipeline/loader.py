@@ -18,6 +18,12 @@ rank opens only the shards its range covers, and after an elastic restart the ra
 follow the new world size. The stream never ends (pass follows pass, the image count decides
 when training stops), so no rank runs dry before another and DDP never waits on an epoch's end.
 
+Which shards: each phase opens a stream at its resolution, which reads that resolution's level
+of the shards' pyramid (levels.py: 4 px to below the stored size, raw RGB up to 128 px, PNG
+above), so a 32 px phase of 1024 px shards reads and decodes 32 px images. Shards written
+before the pyramid, or a resolution without a level, are read at the stored size and averaged
+down to the same pixels.
+
 Where the shards are: a folder every node can read, or an object store (s3://bucket/prefix, through
 fsspec: base.storage); either way each rank streams its own shards, block by block.
 
@@ -58,13 +64,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
 from base import storage
 from base.errors import UserError
-from data_pipeline.manifest import require_manifest
+from data_pipeline.levels import average_down, decode_raw
+from data_pipeline.manifest import RAW_FORMAT, require_manifest, shards_at
 
 log = logging.getLogger(__name__)
 # The one PIL decoder each stored format may use (Image.open would otherwise try every plugin).
@@ -84,12 +90,14 @@ class ShardSlice:
     take: int
 
 
-def shard_list(shard_dir: str, manifest: dict | None = None) -> list[tuple[str, int]]:
-    """(path, samples) for every shard in the manifest (read from `shard_dir` unless given).
+def shard_list(shard_dir: str, manifest: dict | None = None, resolution: int | None = None) -> list[tuple[str, int]]:
+    """(path, samples) for every shard in the manifest (read from `shard_dir` unless given) that a
+    reader at `resolution` uses (manifest.shards_at; the stored resolution's by default).
     Raises ValueError without a complete one."""
     if manifest is None:
         manifest = require_manifest(shard_dir)
-    shards = [(storage.join(shard_dir, s["file"]), int(s["samples"])) for s in manifest["shards"] if s["samples"]]
+    listed = shards_at(manifest, resolution)[0]
+    shards = [(storage.join(shard_dir, s["file"]), int(s["samples"])) for s in listed if s["samples"]]
     if not shards:
         raise ValueError(f"{shard_dir} holds no faces (its manifest lists no shards)")
     return shards
@@ -183,34 +191,49 @@ def file_sha256(url: str) -> str:
 
 
 class FaceStream(torch.utils.data.IterableDataset):
-    """One rank's endless stream of faces: uint8 HxWx3 tensors at the stored resolution, pass
-    after pass, shuffled within a buffer of `shuffle_buffer` images. Iterated by a DataLoader
-    with workers, each worker decodes every n-th image of the rank's share."""
+    """One rank's endless stream of faces: uint8 HxWx3 tensors, pass after pass, shuffled within
+    a buffer of `shuffle_buffer` images. Iterated by a DataLoader with workers, each worker
+    decodes every n-th image of the rank's share.
+
+    What it reads: with `resolution`, that resolution's level of the shards' pyramid where the
+    manifest lists one (levels.py: only those bytes are read and decoded); otherwise, and for
+    shards written before the pyramid, the shards at their stored resolution (`self.resolution`
+    says which), averaged down by the reader (to_training_range) to the same pixels. Every
+    level holds the same faces in the same shards and order, so a stream's images are the
+    same faces whatever it reads."""
 
     def __init__(self, shard_dir: str, rank: int, world_size: int, seed: int, shuffle_buffer: int,
-                 images_seen: int = 0):
-        """Starts at the pass that `images_seen` (counted over all ranks) has reached, so a resumed
-        run does not replay the first passes' order."""
+                 images_seen: int = 0, resolution: int | None = None):
+        """Starts where `images_seen` (counted over all ranks) has reached: at that pass, after this
+        rank's part of the images the pass has already dealt out, so a resumed run, or the
+        stream a new phase opens, goes on with the pass rather than replaying it."""
         manifest = require_manifest(shard_dir)
+        listed, self.image_format, self.resolution = shards_at(manifest, resolution)
         self.shard_dir = shard_dir
-        self.shards = shard_list(shard_dir, manifest)
-        self.sha256 = {storage.join(shard_dir, s["file"]): s["sha256"] for s in manifest["shards"]}
+        self.shards = shard_list(shard_dir, manifest, resolution)
+        self.sha256 = {storage.join(shard_dir, s["file"]): s["sha256"] for s in listed}
         self.checked: set[str] = set()      # shards whose sha256 matched, in this process
         self.left_out: dict[str, str] = {}  # shard -> why it is left out, in this process
         self.pass_samples = self.pass_images = 0
         self.first_reason = ""
-        self.image_format = manifest["image_format"]
-        self.resolution = int(manifest["resolution"])
         self.skipped = 0  # samples without a decodable image, in this process
         self.images = sum(samples for _, samples in self.shards)
         share_size(self.images, world_size)  # too few images fails here, not in a DataLoader worker
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.first_pass = shuffle_buffer, images_seen // self.images
+        self.first_skip = (images_seen % self.images) // world_size  # of the first pass's share
 
     def _pass_samples(self, pass_index: int, worker: int, workers: int) -> Iterator[dict]:
-        """This rank's encoded samples of one pass; with DataLoader workers, every n-th of them."""
+        """This rank's encoded samples of one pass; with DataLoader workers, every n-th of them.
+        The first pass begins after the part of the share already dealt out (`first_skip`)."""
         position = 0
         for part in rank_slices(self.shards, self.rank, self.world_size, pass_index, self.seed):
+            skip = self.first_skip - position if pass_index == self.first_pass else 0
+            if skip >= part.take:  # dealt out before this stream began: not opened
+                position += part.take
+                continue
+            if skip > 0:
+                part, position = ShardSlice(part.url, part.skip + skip, part.take - skip), position + skip
             if part.url in self.left_out or not self._checked(part.url):
                 self.pass_samples += 1  # counts as seen: a pass of left-out shards is no empty share
                 position += part.take
@@ -293,6 +316,11 @@ def decode_image(sample: dict, image_format: str, resolution: int) -> np.ndarray
     data = sample.get(image_format)
     if not isinstance(data, bytes):
         raise BadSample(f"no .{image_format} member")
+    if image_format == RAW_FORMAT:
+        pixels = decode_raw(data, resolution)
+        if pixels is None:
+            raise BadSample(f"the .{image_format} member holds {len(data)} bytes, not a {resolution}x{resolution} RGB image")
+        return pixels
     try:
         with Image.open(io.BytesIO(data), formats=[PIL_FORMATS[image_format]]) as image:
             size = image.size
@@ -469,13 +497,16 @@ def worker_error_line(message: str) -> str:
 
 
 def to_training_range(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """uint8 NHWC at the stored resolution -> float32 NCHW in [-1, 1] at `resolution`."""
+    """uint8 NHWC as read -> float32 NCHW in [-1, 1] at `resolution`: images at a larger size are
+    first averaged down to it as the pyramid's levels are (levels.average_down), so a phase
+    gets the same pixels from a level as from the full size."""
     stored = images.shape[1]
     if resolution > stored or stored % resolution:
         raise ValueError(f"cannot make {resolution}px batches from shards stored at {stored}px")
-    nchw = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
     factor = stored // resolution
-    return F.avg_pool2d(nchw, factor) if factor > 1 else nchw.contiguous()
+    if factor == 1:
+        return images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+    return average_down(images.permute(0, 3, 1, 2).float(), factor).div_(127.5).sub_(1.0)
 
 
 def mirror_randomly(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -80,12 +80,52 @@ def read_manifest(folder: Path | str) -> dict | None:
         sizes = storage.file_sizes(folder)
     except OSError:
         return None
-    if not all(sizes.get(shard["file"]) == shard["bytes"] for shard in manifest["shards"]):
+    if not all(sizes.get(shard["file"]) == shard["bytes"] for shard in all_shards(manifest)):
         return None
     return manifest
 
 
+def all_shards(manifest: dict) -> list[dict]:
+    """Every shard a manifest lists: at its resolution, then its pyramid's levels'."""
+    return [*manifest["shards"], *(shard for level in manifest.get("levels", []) for shard in level["shards"])]
+
+
+def shard_files(manifest: dict) -> list[str]:
+    return [shard["file"] for shard in all_shards(manifest)]
+
+
+def shards_at(manifest: dict, resolution: int | None) -> tuple[list[dict], str, int]:
+    """(shards, image format, their resolution) a reader at `resolution` uses: the pyramid's level
+    of that resolution when the manifest lists one, else the shards at the stored resolution
+    (averaged down by the reader: levels.average_down, so the pixels are the same either way)."""
+    for level in manifest.get("levels", []):
+        if level["resolution"] == resolution:
+            return level["shards"], level["image_format"], resolution
+    return manifest["shards"], manifest["image_format"], int(manifest["resolution"])
+
+
+def has_pyramid(manifest: dict) -> bool:
+    """Whether the manifest lists a level for every resolution below its own (written since the
+    pyramid; older shards hold the stored resolution only)."""
+    return [level["resolution"] for level in manifest.get("levels", [])] == level_resolutions(int(manifest["resolution"]))
+
+
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# The pyramid's levels (levels.py): 4 px up to below the shards' resolution; up to RAW_MAX px
+# stored as raw RGB bytes (decoding is a copy), above that as PNG.
+LOWEST_LEVEL = 4
+RAW_MAX = 128
+RAW_FORMAT = "rgb"
+LEVEL_FORMATS = (RAW_FORMAT, "png")
+
+
+def level_resolutions(resolution: int) -> list[int]:
+    """The pyramid's resolutions below `resolution`, ascending: 4, 8, ..., resolution / 2."""
+    return [2 ** k for k in range(LOWEST_LEVEL.bit_length() - 1, resolution.bit_length() - 1)]
+
+
+def level_format(resolution: int) -> str:
+    return RAW_FORMAT if resolution <= RAW_MAX else "png"
 
 
 def check_manifest_fields(manifest: dict, location: str) -> None:
@@ -118,8 +158,18 @@ def check_manifest_fields(manifest: dict, location: str) -> None:
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         raise bad("shards", "a list", shards)
+    check_shard_fields(shards, "shards", bad)
+    check_level_fields(manifest, bad)
+
+
+def check_shard_fields(shards: list, name: str, bad) -> None:
+    """Each shard a plain file name (no '/', no '..') with a non-negative sample count, a byte size
+    and a sha256 of 64 hex digits; `bad(field, want, value)` makes the UserError."""
+    def count(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
     for index, shard in enumerate(shards):
-        field = f"shards[{index}]"
+        field = f"{name}[{index}]"
         if not isinstance(shard, dict):
             raise bad(field, "an object", shard)
         file = shard.get("file")
@@ -130,6 +180,37 @@ def check_manifest_fields(manifest: dict, location: str) -> None:
                 raise bad(f"{field}.{key}", "a non-negative integer", shard.get(key))
         if not isinstance(shard.get("sha256"), str) or not SHA256_HEX.fullmatch(shard["sha256"]):
             raise bad(f"{field}.sha256", "64 hex digits", shard.get("sha256"))
+
+
+def check_level_fields(manifest: dict, bad) -> None:
+    """The pyramid's fields (optional: older manifests have none): a list of levels, each a
+    power of two from 4 below the stored resolution, ascending, in a level format, with one
+    shard per stored shard of the same sample count (the same blocks: the ranks' shares and
+    the stream's order are the same at every level); the shards' own fields as checked above."""
+    if "levels" not in manifest:
+        return
+    levels = manifest["levels"]
+    if not isinstance(levels, list):
+        raise bad("levels", "a list", levels)
+    counts = [shard["samples"] for shard in manifest["shards"]]
+    below = 0
+    for index, level in enumerate(levels):
+        field = f"levels[{index}]"
+        if not isinstance(level, dict):
+            raise bad(field, "an object", level)
+        resolution = level.get("resolution")
+        if not (isinstance(resolution, int) and not isinstance(resolution, bool) and below < resolution
+                < manifest["resolution"] and resolution >= 4 and not resolution & (resolution - 1)):
+            raise bad(f"{field}.resolution", "a power of two from 4, ascending, below the shards' resolution", resolution)
+        below = resolution
+        if level.get("image_format") not in LEVEL_FORMATS:
+            raise bad(f"{field}.image_format", f"one of {', '.join(LEVEL_FORMATS)}", level.get("image_format"))
+        shards = level.get("shards")
+        if not isinstance(shards, list) or len(shards) != len(counts):
+            raise bad(f"{field}.shards", f"a list of {len(counts)} shards, one per stored shard", shards)
+        check_shard_fields(shards, f"{field}.shards", bad)
+        if [shard["samples"] for shard in shards] != counts:
+            raise bad(f"{field}.shards", "shards of the stored shards' sample counts", [s["samples"] for s in shards])
 
 
 # The settings that shape the shards, as PrepareConfig and the manifest's "config" name them,
@@ -217,6 +298,21 @@ def check_shards(path: Path | str, max_resolution: int, workers: int) -> None:
         raise UserError(f"--data {path}: shards hold {stored}x{stored} images but model.max_resolution is "
                          f"{max_resolution}; make shards at >= {max_resolution} or lower it")
     check_face_count(path, workers, str(path))
+
+
+def old_shards_note(path: Path | str) -> str | None:
+    """One warning line for complete shards written before the resolution pyramid (they still
+    train, at the stored resolution's decoding cost in every phase); None for shards with it."""
+    manifest = require_manifest(path)
+    if has_pyramid(manifest):
+        return None
+    stored = manifest["resolution"]
+    inputs = manifest.get("config", {}).get("inputs") if isinstance(manifest.get("config"), dict) else None
+    photos = " ".join(f"--input {spec}" for spec in inputs) if isinstance(inputs, list) and inputs else "--input PHOTOS"
+    return (f"warning: {path} was made before shards held every resolution: each phase reads and decodes the "
+            f"{stored}x{stored} images and averages them down (the same pixels, at the full size's cost); "
+            f"rebuild it for one level per resolution: python -m data_pipeline {photos} --output {path} "
+            f"--resolution {stored} --overwrite")
 
 
 def check_remote_shards(url: str, max_resolution: int, workers: int) -> str:

@@ -34,7 +34,8 @@ from base import storage
 from base.errors import UserError
 from data_pipeline.manifest import (
     DUPLICATE, FORMAT_VERSION, KEPT, MANIFEST_NAME, REJECTS_NAME, UNREADABLE, Outcome, changed_settings,
-    check_same_settings, count_outcomes, read_manifest, write_json, write_rejects,
+    check_same_settings, count_outcomes, level_format, level_resolutions, read_manifest, shard_files, write_json,
+    write_rejects,
 )
 from data_pipeline.shards import Sample, ShardProgress
 from data_pipeline.sources import Source, content_key, inputs_fingerprint, list_sources, read_bytes, recorded_input
@@ -90,7 +91,8 @@ def prepare(config: PrepareConfig, sources: list[Source] | None = None, show_pro
     plan = make_plan(hash_sources(sources, config.run_name, show_progress), config.shard_size,
                      run_record(config, settings))
     count_settled(plan, config.run_name)
-    progress = ShardProgress(output, plan.fingerprint, fresh=config.overwrite, shard_count=len(plan.shards))
+    progress = ShardProgress(output, plan.fingerprint, fresh=config.overwrite, shard_count=len(plan.shards),
+                             levels=tuple(level_resolutions(config.resolution)))
     todo = [shard for shard in plan.shards if not progress.is_done(shard.index)]
     with ProgressBar(len(sources), show_progress) as bar:
         bar.add([outcome.status for outcome in known_outcomes(plan, progress)])
@@ -122,7 +124,7 @@ def listed_shards(output: str) -> set[str]:
         previous = read_manifest(output)
     except UserError:  # a damaged manifest: its shards are not known, so none is dropped
         previous = None
-    return {shard["file"] for shard in previous["shards"]} if previous else set()
+    return set(shard_files(previous)) if previous else set()
 
 
 def publish(built: Path, output: str, manifest: dict, earlier: set[str] | None = None) -> dict:
@@ -130,7 +132,7 @@ def publish(built: Path, output: str, manifest: dict, earlier: set[str] | None =
     (`earlier`, default: as the manifest there lists them) that it does not list, then the local copy."""
     earlier = listed_shards(output) if earlier is None else earlier
     storage.remove(storage.join(output, MANIFEST_NAME))
-    listed = {shard["file"] for shard in manifest["shards"]}
+    listed = set(shard_files(manifest))
     for name in sorted(listed) + [REJECTS_NAME, MANIFEST_NAME]:
         storage.upload(built / name, storage.join(output, name))
     for name in storage.file_sizes(output):
@@ -143,7 +145,7 @@ def publish(built: Path, output: str, manifest: dict, earlier: set[str] | None =
 def known_outcomes(plan: Plan, progress: ShardProgress) -> list[Outcome]:
     """Outcomes settled before detection, and those of shards an earlier run finished."""
     resumed = (progress.load(shard.index) for shard in plan.shards)
-    return plan.settled + [outcome for done in resumed if done is not None for outcome in done[1]]
+    return plan.settled + [outcome for done in resumed if done is not None for outcome in done.outcomes]
 
 
 def face_settings(config: PrepareConfig) -> FaceSettings:
@@ -158,6 +160,7 @@ def run_record(config: PrepareConfig, settings: FaceSettings) -> dict:
         "shard_size": config.shard_size,
         "min_prob": config.min_prob,
         "margin": config.margin,
+        "levels": level_resolutions(config.resolution),
         "detector": settings.detector_options(),
         "max_side": settings.max_side,
         "versions": package_versions(),
@@ -294,7 +297,8 @@ def detector_resources() -> dict:
 
 
 def finish_shard(progress: ShardProgress, index: int, results: list[PhotoResult], image_format: str) -> None:
-    samples = [Sample(result.key, result.image, result.meta) for result in results if result.status == KEPT]
+    samples = [Sample(result.key, result.image, result.meta, tuple(result.levels))
+               for result in results if result.status == KEPT]
     outcomes = [Outcome(result.source, result.key, result.status, result.detail) for result in results]
     progress.finish_shard(index, samples, outcomes, image_format)
 
@@ -324,14 +328,16 @@ class ProgressBar:
 
 def finish(output: Path, plan: Plan, progress: ShardProgress, config: PrepareConfig, settings: FaceSettings) -> dict:
     outcomes, shards = list(plan.settled), []
+    levels = {level: [] for level in level_resolutions(config.resolution)}
     for shard in plan.shards:
         done = progress.load(shard.index)
         if done is None:
             raise RuntimeError(f"block {shard.index} was not processed; rerun to complete the output")
-        info, shard_outcomes = done
-        outcomes += shard_outcomes
-        if info is not None:
-            shards.append(asdict(info))
+        outcomes += done.outcomes
+        if done.info is not None:
+            shards.append(asdict(done.info))
+            for level, info in done.levels.items():
+                levels[level].append(asdict(info))
     write_rejects(output, outcomes)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -339,6 +345,10 @@ def finish(output: Path, plan: Plan, progress: ShardProgress, config: PrepareCon
         "image_format": config.image_format,
         "counts": count_outcomes(outcomes),
         "shards": shards,
+        # the pyramid (levels.py): the same blocks' faces at each lower resolution, in the same
+        # order, so a phase reads only its own resolution's bytes
+        "levels": [{"resolution": level, "image_format": level_format(level), "shards": infos}
+                   for level, infos in levels.items()],
         # the inputs as the photo names start (see sources.py), not as paths of this machine:
         # the shards are shared without its folder layout, and they still say what went in
         "config": {"inputs": [recorded_input(spec) for spec in config.inputs],

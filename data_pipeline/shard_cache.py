@@ -26,7 +26,8 @@ def shards_for_run(photos: Path, resolution: int, run_root: str, run_dir: Path |
 
     listing = sorted((str(p.relative_to(photos)), p.stat().st_size, p.stat().st_mtime_ns)
                      for p in photos.rglob("*") if p.is_file())
-    key = hashlib.sha1(json.dumps([str(photos.resolve()), resolution, listing]).encode()).hexdigest()[:16]
+    # "levels": shards with the resolution pyramid; a cache made before it is not reused (nor removed)
+    key = hashlib.sha1(json.dumps([str(photos.resolve()), resolution, "levels", listing]).encode()).hexdigest()[:16]
     # on object storage beside the runs when they are there: every node reads the shards
     cache = storage.join(storage.absolute(run_root), ".shards", f"{photos.name}-{resolution}-{key}")
     print(f"[launch] face shards from {photos} -> {cache}", flush=True)

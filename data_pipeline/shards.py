@@ -11,7 +11,7 @@ from pathlib import Path
 import webdataset as wds
 
 from base.errors import UserError
-from data_pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, Outcome, write_json
+from data_pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, Outcome, level_format, write_json
 from base.storage import TEMP_SUFFIX, atomic_path
 
 SHARD_GLOB = "shard-*.tar"
@@ -20,8 +20,9 @@ WORK_DIR_NAME = ".partial"
 TAR_MTIME = 0
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
+def shard_name(index: int, level: int | None = None) -> str:
+    """Block `index`'s shard at the shards' resolution, or of the pyramid level `level` (px)."""
+    return f"shard-{index:06d}.tar" if level is None else f"shard-{index:06d}-{level}px.tar"
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Sample:
     key: str
     image: bytes
     meta: str  # JSON
+    levels: tuple[bytes, ...] = ()  # the pyramid's encoded images, ascending (levels.py)
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,17 @@ class ShardInfo:
     sha256: str
 
 
-def write_shard(path: Path, samples: list[Sample], image_format: str) -> ShardInfo:
-    """Samples sorted by key into a tar at `path`, written under a temporary name first."""
+def write_shard(path: Path, samples: list[Sample], image_format: str, level: int | None = None) -> ShardInfo:
+    """Samples sorted by key into a tar at `path`, written under a temporary name first: each
+    sample's image and JSON record, or with `level` (its index in the samples' pyramid) only
+    that level's image, in `image_format` (the level's: levels.level_format)."""
     with atomic_path(path) as temporary:
         with open(temporary, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as writer:
             for sample in sorted(samples, key=lambda s: s.key):
-                writer.write({"__key__": sample.key, image_format: sample.image, "json": sample.meta.encode()})
+                if level is None:
+                    writer.write({"__key__": sample.key, image_format: sample.image, "json": sample.meta.encode()})
+                else:
+                    writer.write({"__key__": sample.key, image_format: sample.levels[level]})
     return ShardInfo(path.name, len(samples), path.stat().st_size, file_sha256(path))
 
 
@@ -57,7 +64,7 @@ def file_sha256(path: Path) -> str:
 
 
 PLAN_NAME = "plan.json"
-SHARD_FILE = re.compile(r"shard-\d{6}\.tar")      # the names shard_name gives
+SHARD_FILE = re.compile(r"shard-\d{6}(?:-\d{1,4}px)?\.tar")  # the names shard_name gives
 RECORD_FILE = re.compile(r"shard-\d{6}\.json")    # ShardProgress's records in .partial/
 # What atomic_path writes under (".NAME.PID.tmp"; "NAME.tmp" from earlier versions), and the
 # write probe of storage.unwritable.
@@ -87,19 +94,24 @@ def owned_names(folder: Path) -> set[str]:
     manifest = read_json(folder / MANIFEST_NAME)
     if "format_version" in manifest and isinstance(manifest.get("shards"), list):
         names |= {MANIFEST_NAME, REJECTS_NAME}
-        names |= {shard["file"] for shard in manifest["shards"] if isinstance(shard, dict)
-                  and isinstance(shard.get("file"), str) and SHARD_FILE.fullmatch(shard["file"])}
+        listed = [manifest["shards"]] + [level.get("shards") for level in manifest.get("levels") or []
+                                         if isinstance(level, dict)]
+        names |= {shard["file"] for shards in listed if isinstance(shards, list) for shard in shards
+                  if isinstance(shard, dict) and isinstance(shard.get("file"), str) and SHARD_FILE.fullmatch(shard["file"])}
     work = folder / WORK_DIR_NAME
     plan = read_json(work / PLAN_NAME)
     if "fingerprint" in plan:
         names.add(REJECTS_NAME)
-        count = plan.get("shards")
+        count, levels = plan.get("shards"), plan.get("levels") or []
         if isinstance(count, int) and not isinstance(count, bool) and 0 <= count < 10 ** 6:
-            names |= {shard_name(index) for index in range(count)}
+            names |= {shard_name(index, level) for index in range(count)
+                      for level in [None, *(level for level in levels if isinstance(level, int))]}
         for record_path in work.glob("shard-*.json"):
-            shard = read_json(record_path).get("shard")
-            if isinstance(shard, dict) and isinstance(shard.get("file"), str) and SHARD_FILE.fullmatch(shard["file"]):
-                names.add(shard["file"])
+            record = read_json(record_path)
+            levels = record.get("levels")
+            infos = [record.get("shard"), *(levels.values() if isinstance(levels, dict) else ())]
+            names |= {info["file"] for info in infos if isinstance(info, dict) and isinstance(info.get("file"), str)
+                      and SHARD_FILE.fullmatch(info["file"])}
     return names
 
 
@@ -169,9 +181,12 @@ class ShardProgress:
     shard (its file info and every outcome). A rerun of the same plan skips finished shards;
     any other plan starts from an empty folder."""
 
-    def __init__(self, folder: Path, fingerprint: str, fresh: bool, shard_count: int | None = None):
+    def __init__(self, folder: Path, fingerprint: str, fresh: bool, shard_count: int | None = None,
+                 levels: tuple[int, ...] = ()):
         """`fresh` (--overwrite): start over whatever the folder holds; otherwise anything in it
-        that is not the pipeline's own output stops here (UserError, `check_own_output`)."""
+        that is not the pipeline's own output stops here (UserError, `check_own_output`).
+        `levels`: the pyramid's resolutions, each block written as one shard per level too."""
+        self.levels = tuple(levels)
         self.folder = folder
         self.work = folder / WORK_DIR_NAME
         plan_file = self.work / PLAN_NAME
@@ -180,8 +195,8 @@ class ShardProgress:
         if fresh or read_json(plan_file).get("fingerprint") != fingerprint:
             remove_previous_output(folder, overwrite=fresh)
             self.work.mkdir(parents=True)
-            plan = {"fingerprint": fingerprint} if shard_count is None else {"fingerprint": fingerprint, "shards": shard_count}
-            write_json(plan_file, plan)
+            plan = {"fingerprint": fingerprint, "levels": list(self.levels)}
+            write_json(plan_file, plan if shard_count is None else {**plan, "shards": shard_count})
         remove_temporary_files(folder)
         remove_temporary_files(self.work)
 
@@ -192,22 +207,39 @@ class ShardProgress:
         return self.load(index) is not None
 
     def finish_shard(self, index: int, samples: list[Sample], outcomes: list[Outcome], image_format: str) -> None:
+        """Writes the block's shard and one per pyramid level, then its record (last: a record
+        means every file of the block is there)."""
         info = write_shard(self.folder / shard_name(index), samples, image_format) if samples else None
-        record = {"shard": asdict(info) if info else None, "outcomes": [asdict(o) for o in sorted(outcomes, key=lambda o: o.source)]}
+        levels = {str(level): asdict(write_shard(self.folder / shard_name(index, level), samples, level_format(level), n))
+                  for n, level in enumerate(self.levels)} if samples else {}
+        record = {"shard": asdict(info) if info else None, "levels": levels,
+                  "outcomes": [asdict(o) for o in sorted(outcomes, key=lambda o: o.source)]}
         write_json(self.record_path(index), record)
 
-    def load(self, index: int) -> tuple[ShardInfo | None, list[Outcome]] | None:
-        """A finished shard's info and outcomes; None if unfinished (or its tar went missing)."""
+    def load(self, index: int) -> FinishedShard | None:
+        """A finished block's shard infos and outcomes; None if unfinished (or a tar went missing)."""
         record = read_json(self.record_path(index))
         if "outcomes" not in record:
             return None
         info = ShardInfo(**record["shard"]) if record["shard"] else None
-        if info and not (self.folder / info.file).is_file():
+        levels = {int(level): ShardInfo(**value) for level, value in (record.get("levels") or {}).items()}
+        if any(not (self.folder / shard.file).is_file() for shard in [info, *levels.values()] if shard):
             return None
-        return info, [Outcome(**outcome) for outcome in record["outcomes"]]
+        if info and set(levels) != set(self.levels):
+            return None
+        return FinishedShard(info, levels, [Outcome(**outcome) for outcome in record["outcomes"]])
 
     def remove(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class FinishedShard:
+    """One finished block: its shard (None when it kept no face), its pyramid's shards by
+    resolution, and every photo's outcome."""
+    info: ShardInfo | None
+    levels: dict[int, ShardInfo]
+    outcomes: list[Outcome]
 
 
 def read_json(path: Path) -> dict:

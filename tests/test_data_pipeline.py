@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from facenet_pytorch import MTCNN
 from PIL import Image
@@ -27,11 +28,13 @@ from PIL import Image
 from data_pipeline.config import PrepareConfig
 from base.errors import UserError
 from data_pipeline.faces import Detection, Rejected, crop_square, describe, pick_face
-from data_pipeline.manifest import BELOW_THRESHOLD, NO_FACE, read_manifest
+from data_pipeline.loader import BatchReader, FaceStream, decode_image, shard_samples
+from data_pipeline.manifest import BELOW_THRESHOLD, NO_FACE, old_shards_note, read_manifest, shards_at
 from data_pipeline.prepare import prepare
 from data_pipeline.runtime import ray_session
 from data_pipeline.shards import WORK_DIR_NAME
 from data_pipeline.sources import list_sources
+from test_loader import official_lod
 
 REPO = Path(__file__).resolve().parents[1]
 RESOLUTION = 64
@@ -317,9 +320,103 @@ def test_killed_run_resumes_to_the_same_shards(prepared, inputs):
     manifest = prepare(config_for(specs, output), show_progress=False)
 
     assert manifest["shards"] == clean_manifest["shards"]
+    assert manifest["levels"] == clean_manifest["levels"]
     assert manifest["counts"] == clean_manifest["counts"]
     assert (output / "rejects.jsonl").read_bytes() == (clean_output / "rejects.jsonl").read_bytes()
     assert not list(output.glob("*.tmp")) and not (output / WORK_DIR_NAME).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The resolution pyramid: each face at every lower resolution, exactly the stored face averaged down
+
+
+def stored_images(output: Path, shards: list[dict], image_format: str, resolution: int) -> dict[str, np.ndarray]:
+    """Every image of `shards` by key, in stored order, decoded as the loader decodes them."""
+    return {sample["__key__"]: decode_image(sample, image_format, resolution)
+            for shard in shards for sample in shard_samples(str(output / shard["file"]), image_format)}
+
+
+def test_every_level_is_the_stored_face_averaged_down_as_the_official_code_does(prepared):
+    """Levels 4..32 of the 64 px shards: the same faces in the same shards and order, each level
+    the official dataset_tool's quantised level of detail of the stored face, to the bit."""
+    output, manifest = prepared
+    assert [(level["resolution"], level["image_format"]) for level in manifest["levels"]] == \
+        [(4, "rgb"), (8, "rgb"), (16, "rgb"), (32, "rgb")]
+    full = stored_images(output, manifest["shards"], "png", RESOLUTION)
+    for level in manifest["levels"]:
+        assert [shard["samples"] for shard in level["shards"]] == [shard["samples"] for shard in manifest["shards"]]
+        for shard in level["shards"]:
+            assert hashlib.sha256((output / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
+        stored = stored_images(output, level["shards"], level["image_format"], level["resolution"])
+        assert list(stored) == list(full)
+        steps = (RESOLUTION // level["resolution"]).bit_length() - 1
+        assert np.array_equal(np.stack(list(stored.values())), official_lod(np.stack(list(full.values())), steps))
+
+
+def test_jpeg_shards_get_levels_of_the_decoded_jpeg(ray_instance, inputs):
+    """JPEG is lossy: the levels are made from the face as a reader decodes it, so a phase
+    sees the same pixels from a level as from the full-size JPEG; levels above 128 px are PNG."""
+    root, _ = inputs
+    output = root / "jpeg-512"
+    manifest = prepare(PrepareConfig((str(root / "in" / "aligned" / "00000[1-4].jpg"),), str(output), resolution=512,
+                                     image_format="jpg"), show_progress=False)
+    assert [(level["resolution"], level["image_format"]) for level in manifest["levels"]] == \
+        [(4, "rgb"), (8, "rgb"), (16, "rgb"), (32, "rgb"), (64, "rgb"), (128, "rgb"), (256, "png")]
+    full = stored_images(output, manifest["shards"], "jpg", 512)
+    assert len(full) == 4
+    for level in manifest["levels"]:
+        stored = stored_images(output, level["shards"], level["image_format"], level["resolution"])
+        steps = (512 // level["resolution"]).bit_length() - 1
+        assert np.array_equal(np.stack(list(stored.values())), official_lod(np.stack(list(full.values())), steps))
+
+
+def test_a_phase_reads_its_level_and_gets_the_batches_the_full_size_gives(prepared):
+    """FaceStream at a resolution with a level reads only that level's shards; its batches, for a
+    resumed position in a pass too, equal those made from the full-size shards."""
+    output, manifest = prepared
+    for resolution, images_seen in [(8, 0), (32, 45), (RESOLUTION, 7)]:
+        streams = [FaceStream(str(output), 0, 1, seed=3, shuffle_buffer=8, images_seen=images_seen, resolution=wanted)
+                   for wanted in (resolution, None)]
+        assert [stream.resolution for stream in streams] == [resolution, RESOLUTION]
+        level_files = {Path(url).name for url, _ in streams[0].shards}
+        assert level_files == {shard["file"] for shard in shards_at(manifest, resolution)[0]}
+        readers = [BatchReader(stream, mirror=True, seed=5) for stream in streams]
+        for batch in (8, 5, 8, 8, 8):  # 37 images: into the next pass
+            pyramid, full = (reader.next_batch(batch, resolution) for reader in readers)
+            assert torch.equal(pyramid, full)
+
+
+def test_a_resumed_stream_goes_on_with_the_pass(prepared):
+    """A stream opened with images seen (a resume, or a new phase) skips the part of the pass
+    already dealt out instead of replaying it: with no shuffling, it continues exactly."""
+    output, _ = prepared
+    whole = iter(FaceStream(str(output), 0, 1, seed=3, shuffle_buffer=1, resolution=8))
+    first_pass = [next(whole) for _ in range(EXPECTED_COUNTS["faces_kept"])]
+    later = iter(FaceStream(str(output), 0, 1, seed=3, shuffle_buffer=1, images_seen=13, resolution=8))
+    assert all(torch.equal(a, b) for a, b in zip(first_pass[13:], (next(later) for _ in range(21))))
+
+
+def test_shards_from_before_the_pyramid_still_train_and_say_how_to_rebuild(prepared, tmp_path):
+    """An output written before the pyramid (no levels in its manifest, no level shards): the
+    stream reads the full size and gives the same batches, and the launcher's note says in one
+    line that it is slow and how to rebuild it."""
+    output, manifest = prepared
+    old = tmp_path / "old-shards"
+    old.mkdir()
+    for shard in manifest["shards"]:
+        shutil.copy(output / shard["file"], old / shard["file"])
+    (old / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "levels"}))
+    assert old_shards_note(output) is None
+    note = old_shards_note(old)
+    assert note.startswith("warning:") and "\n" not in note
+    assert f"python -m data_pipeline --input in --input wild/*.jpg" in note and f"--output {old}" in note
+    assert f"--resolution {RESOLUTION} --overwrite" in note
+    stream = FaceStream(str(old), 0, 1, seed=3, shuffle_buffer=8, resolution=16)
+    assert stream.resolution == RESOLUTION
+    new = FaceStream(str(output), 0, 1, seed=3, shuffle_buffer=8, resolution=16)
+    old_batches, new_batches = (BatchReader(s, mirror=True, seed=5) for s in (stream, new))
+    for _ in range(3):
+        assert torch.equal(old_batches.next_batch(8, 16), new_batches.next_batch(8, 16))
 
 
 def wait_for(condition, timeout: float) -> None:

@@ -171,11 +171,26 @@ def test_batches_are_full_float_nchw_in_range_at_any_size_and_resolution(shard_d
         batch = reader.next_batch(batch_size, resolution)
         assert batch.shape == (batch_size, 3, resolution, resolution) and batch.dtype == torch.float32
         assert -1 <= batch.min() and batch.max() <= 1 and batch.std() > 0.1
-def test_pooling_averages_blocks_of_the_stored_pixels():
+def official_lod(images: np.ndarray, steps: int) -> np.ndarray:
+    """The official dataset_tool.py's level of detail: 2x2 means carried in float, `steps` times,
+    then np.rint to uint8 (TFRecordExporter.add_image), for NHWC uint8 images."""
+    pixels = images.astype(np.float64)
+    for _ in range(steps):
+        pixels = (pixels[:, 0::2, 0::2] + pixels[:, 0::2, 1::2] + pixels[:, 1::2, 0::2] + pixels[:, 1::2, 1::2]) * 0.25
+    return np.rint(pixels).clip(0, 255).astype(np.uint8)
+
+
+def test_pooling_gives_the_official_levels_of_detail_exactly():
+    """Full-size images averaged down in the loader are the official code's quantised levels of
+    detail, to the bit: the pixels a phase sees are the same from a pyramid level (stored as
+    uint8) as from the full size. Mean ties (x.5) round to even, as np.rint."""
     images = torch.randint(0, 256, (2, STORED, STORED, 3), dtype=torch.uint8)
-    pooled = to_training_range(images, 8)
-    expected = images.permute(0, 3, 1, 2).float().reshape(2, 3, 8, 4, 8, 4).mean(dim=(3, 5)) / 127.5 - 1
-    assert torch.allclose(pooled, expected, atol=1e-5)
+    images[0, :2, :2, 0] = torch.tensor([[1, 2], [2, 1]], dtype=torch.uint8)  # a tie: 1.5 -> 2
+    for resolution, steps in [(16, 1), (8, 2), (4, 3)]:
+        pooled = to_training_range(images, resolution)
+        expected = torch.from_numpy(official_lod(images.numpy(), steps)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        assert torch.equal(pooled, expected)
+    assert to_training_range(images, 16)[0, 0, 0, 0] == 2 / 127.5 - 1
     assert torch.equal(to_training_range(images, STORED), images.permute(0, 3, 1, 2).float() / 127.5 - 1)
     with pytest.raises(ValueError, match="cannot make 64px batches"):
         to_training_range(images, 64)

@@ -20,7 +20,8 @@ from test_loader import IMAGES, shard_dir  # noqa: F401  (the module's shard fix
 
 
 class ReferenceReader:
-    """BatchReader.next_batch as it was before issue 24 (the CPU path, blocking copies)."""
+    """BatchReader.next_batch as it was before issue 24 (the CPU path, blocking copies), with
+    the averaged-down pixels rounded as the resolution pyramid defines them."""
 
     def __init__(self, stream, mirror: bool, seed: int):
         self.images, self.mirror = iter(stream), mirror
@@ -29,9 +30,11 @@ class ReferenceReader:
     def next_batch(self, batch_size: int, resolution: int) -> torch.Tensor:
         images = torch.stack([next(self.images) for _ in range(batch_size)])
         stored = images.shape[1]
-        nchw = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         factor = stored // resolution
-        images = F.avg_pool2d(nchw, factor) if factor > 1 else nchw.contiguous()
+        if factor > 1:  # the mean of each block rounded, as the pyramid's levels (test_loader.official_lod)
+            images = F.avg_pool2d(images.permute(0, 3, 1, 2).float(), factor).round() / 127.5 - 1
+        else:
+            images = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
         if not self.mirror:
             return images
         flip = (torch.rand(images.shape[0], generator=self.flips) < 0.5).to(images.device)

@@ -60,15 +60,15 @@ def object_names(s3, url: str) -> dict[str, dict]:
 
 
 def test_pipeline_writes_shards_manifest_and_rejects_to_the_bucket(s3, s3_shards):
-    from data_pipeline.manifest import read_manifest
+    from data_pipeline.manifest import all_shards, read_manifest, shard_files
 
     _, url = s3_shards
     manifest = read_manifest(url)
     assert manifest is not None and manifest["resolution"] == 16
+    assert [level["resolution"] for level in manifest["levels"]] == [4, 8]  # the pyramid goes up too
     objects = object_names(s3, url)
-    shard_files = {shard["file"] for shard in manifest["shards"]}
-    assert set(objects) == shard_files | {"manifest.json", "rejects.jsonl"}  # nothing half-done left
-    for shard in manifest["shards"]:
+    assert set(objects) == set(shard_files(manifest)) | {"manifest.json", "rejects.jsonl"}  # nothing half-done left
+    for shard in all_shards(manifest):
         assert objects[shard["file"]]["size"] == shard["bytes"]
     assert manifest["counts"]["faces_kept"] == sum(shard["samples"] for shard in manifest["shards"]) > 32
     assert not (REPO / "s3:").exists()  # the old bug: a local folder named after the URL's scheme
@@ -91,12 +91,12 @@ def test_overwrite_on_the_bucket_replaces_the_output_and_drops_extra_shards(s3, 
     """--overwrite over a complete earlier output (other settings, one shard more): the manifest goes
     first, the new shards, rejects and manifest arrive, and the old output's extra shard (one its
     manifest lists) is removed; a file of the user's there, which no manifest names, stays (issue 25)."""
-    from data_pipeline.manifest import read_manifest
+    from data_pipeline.manifest import read_manifest, shard_files
 
     photos, url = s3_shards
     target = f"s3://{BUCKET}/overwritten"
     fs = s3.filesystem()
-    old = dict(read_manifest(url), resolution=32)
+    old = {**{key: value for key, value in read_manifest(url).items() if key != "levels"}, "resolution": 32}
     for shard in old["shards"]:
         fs.copy(f"{url.split('://', 1)[1]}/{shard['file']}", f"{BUCKET}/overwritten/{shard['file']}")
     extra = b"an earlier output's shard"
@@ -109,7 +109,7 @@ def test_overwrite_on_the_bucket_replaces_the_output_and_drops_extra_shards(s3, 
     make_shards(photos, target, cluster.cluster.address, "--overwrite", "--shard-size", "32")
     manifest = read_manifest(target)
     assert manifest["resolution"] == 16 and manifest["config"]["shard_size"] == 32
-    assert set(object_names(s3, target)) == {s["file"] for s in manifest["shards"]} | {
+    assert set(object_names(s3, target)) == set(shard_files(manifest)) | {
         "manifest.json", "rejects.jsonl", "shard-mydata.tar"}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from base.errors import UserError
-from data_pipeline.shards import WORK_DIR_NAME, ShardProgress, check_own_output, shard_name
+from data_pipeline.shards import WORK_DIR_NAME, ShardProgress, check_own_output, owned_names, shard_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,9 +63,13 @@ def test_its_own_partial_output_is_resumed_and_another_plans_is_replaced(tmp_pat
     assert progress.is_done(0) and (folder / shard_name(0)).read_bytes() == b"shard 0"
     assert not list(folder.glob("*.tmp"))
 
-    ShardProgress(folder, "plan-b", fresh=False, shard_count=2)  # another plan: the old one's files go
+    ShardProgress(folder, "plan-b", fresh=False, shard_count=2, levels=(4, 8))  # another plan: the old one's files go
     assert not (folder / shard_name(0)).exists()
-    assert json.loads((folder / WORK_DIR_NAME / "plan.json").read_text()) == {"fingerprint": "plan-b", "shards": 2}
+    assert json.loads((folder / WORK_DIR_NAME / "plan.json").read_text()) == {"fingerprint": "plan-b", "shards": 2,
+                                                                            "levels": [4, 8]}
+    # the plan's shards at each level of its pyramid are the pipeline's own, and no others
+    assert {"shard-000001.tar", "shard-000001-8px.tar", "shard-000000-4px.tar"} <= owned_names(folder)
+    assert "shard-000002-4px.tar" not in owned_names(folder) and "shard-000001-16px.tar" not in owned_names(folder)
 
 
 @pytest.mark.parametrize("name", ["shard-mydata.tar", "rejects.jsonl", "shard-000007.tar", "sub/x.png"])

@@ -79,6 +79,36 @@ def test_a_manifest_field_of_the_wrong_type_is_one_line_naming_it(field, faces_d
         assert f"field {field.strip()} must be" in message and "\n" not in message, message
 
 
+def level(shards: list[dict], resolution: int = 4, image_format: str = "rgb", **changes) -> dict:
+    """A pyramid level listing copies of `shards` (their files need not exist: fields are checked first)."""
+    return {"resolution": resolution, "image_format": image_format,
+            "shards": [{**shard, **changes} for shard in shards]}
+
+
+BAD_LEVELS = {
+    "levels": lambda shards: {"4": shards},
+    "levels[0]": lambda shards: ["shard-000000-4px.tar"],
+    "levels[0].resolution": lambda shards: [level(shards, resolution=STORED)],
+    "levels[1].resolution": lambda shards: [level(shards, 8), level(shards, 4)],
+    "levels[0].image_format": lambda shards: [level(shards, image_format="jpg")],
+    "levels[0].shards": lambda shards: [level(shards[:1])],
+    "levels[0].shards ": lambda shards: [level(shards, samples=1)],
+    "levels[0].shards[0].file": lambda shards: [level(shards, file="../x.tar")],
+    "levels[0].shards[0].sha256": lambda shards: [level(shards, sha256="")],
+}
+
+
+@pytest.mark.parametrize("field", BAD_LEVELS)
+def test_a_damaged_pyramid_field_is_one_line_naming_it(field, faces_dir, tmp_path):
+    manifest = write_shards(tmp_path / "shards", faces_dir, [4, 3])
+    manifest["levels"] = BAD_LEVELS[field](manifest["shards"])
+    write_json(tmp_path / "shards" / MANIFEST_NAME, manifest)
+    with pytest.raises(UserError) as raised:
+        require_manifest(tmp_path / "shards")
+    message = str(raised.value)
+    assert f"field {field.strip()} must be" in message and "\n" not in message, message
+
+
 def test_a_good_manifest_passes_the_field_checks(faces_dir, tmp_path):
     write_shards(tmp_path / "shards", faces_dir, [4, 3])
     assert len(require_manifest(tmp_path / "shards")["shards"]) == 2

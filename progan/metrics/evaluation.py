@@ -39,7 +39,7 @@ def real_batches(shard_dir: str, resolution: int, mirror: bool, seed: int, batch
 
     # the shards are written in content-hash order, already unrelated to the source photos' order;
     # a small buffer is enough mixing and keeps the memory small at large resolutions
-    stream = iter(FaceStream(shard_dir, rank=0, world_size=1, seed=seed, shuffle_buffer=256))
+    stream = iter(FaceStream(shard_dir, rank=0, world_size=1, seed=seed, shuffle_buffer=256, resolution=resolution))
     flips = torch.Generator().manual_seed(seed_for(seed, "mirror"))
     while True:
         images = torch.stack([next(stream) for _ in range(batch)]).to(device)

@@ -16,7 +16,7 @@ from pathlib import Path
 from base import storage
 from base.errors import UserError
 from cluster.local import check_cluster
-from data_pipeline.manifest import check_training_data
+from data_pipeline.manifest import check_training_data, old_shards_note
 from monitoring.prometheus import check_run_options
 from progan.model.config import Config, load_config, save_config
 from progan.training.run_log import STOP_FILE
@@ -93,6 +93,8 @@ def plan_run(args: argparse.Namespace, before_ray=None) -> RunPlan:
         before_ray(cfg, run_dir)
     plan = RunPlan(cfg, run_dir, *check_training_data(cfg.data.path, cfg.model.max_resolution,
                                                       cfg.cluster.workers or cfg.cluster.nodes))
+    if plan.is_shards and (note := old_shards_note(plan.data)):
+        print(f"[launch] {note}", file=sys.stderr, flush=True)
     if args.resume:
         from progan.model.checkpoint import check_resume  # imports torch: only a resume pays for it here
 

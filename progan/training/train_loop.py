@@ -57,11 +57,12 @@ class Callback:
 
 
 def open_rank_batches(cfg: Config, shards: str, rank: int, world: int, images_seen: int,
-                      device: torch.device) -> BatchReader:
-    """This rank's share of the shards, from the pass the images seen so far have reached (a
-    resumed run does not replay the first passes' order)."""
+                      device: torch.device, resolution: int) -> BatchReader:
+    """This rank's share of the shards at a phase's `resolution` (its level of the shards'
+    pyramid: only those bytes are read), from where the images seen so far have reached (a
+    resumed run, or a new phase, goes on with the pass: FaceStream)."""
     d = cfg.data
-    stream = FaceStream(shards, rank, world, d.seed, d.shuffle_buffer, images_seen=images_seen)
+    stream = FaceStream(shards, rank, world, d.seed, d.shuffle_buffer, images_seen=images_seen, resolution=resolution)
     return BatchReader(stream, d.mirror, seed=d.seed * 1000 + rank + stream.first_pass,
                        loader_workers=d.loader_workers, device=device)
 
@@ -138,8 +139,9 @@ class Trainer:
             if self.checkpoints.resumed:
                 self.metrics.count_restart()
             self.stopped = self.checkpoints.stop_reason() is not None
+        self.batches: BatchReader | None = None  # the current phase's (opened as it begins)
+        self.batches_resolution = 0
         if not self.stopped:
-            self.batches = open_rank_batches(self.cfg, self.shards, self.rank, self.world, self.run.images_seen, self.device)
             log_workers(self.log, self.rank, self.world)
 
     # ---------------------------------------------------------------- the loop
@@ -152,6 +154,7 @@ class Trainer:
             while self.run.images_seen < round(self.phases[-1].end_kimg * 1000) and not self.stopped:
                 phase = phase_at(self.phases, self.run.kimg)
                 if self.training is None or phase.index != self.training.phase.index:
+                    self._open_batches(phase)
                     self.training = enter_phase(self.run, phase, self.training, self.saved_optimizers, self.rank, self.world)
                     self.saved_optimizers = None
                     self.log.event("phase", index=phase.index, resolution=phase.resolution, phase=phase.name,
@@ -159,7 +162,19 @@ class Trainer:
                 self._train_phase(phase)
         finally:
             self.log.flush()  # stats lines still held back for a run on object storage
+            if self.batches is not None:
+                self.batches.close()
+
+    def _open_batches(self, phase: Phase) -> None:
+        """The batches of a phase's resolution (a phase that keeps the resolution, as a fade-in's
+        stable phase, keeps the open stream)."""
+        if self.batches is not None and self.batches_resolution == phase.resolution:
+            return
+        if self.batches is not None:
             self.batches.close()
+        self.batches = open_rank_batches(self.cfg, self.shards, self.rank, self.world, self.run.images_seen,
+                                         self.device, phase.resolution)
+        self.batches_resolution = phase.resolution
 
     def _train_phase(self, phase: Phase) -> None:
         while True:
