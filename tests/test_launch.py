@@ -125,6 +125,23 @@ def test_nodes_that_cannot_each_have_a_gpu_are_refused_before_ray_starts(faces_d
     assert not (tmp_path / "runs" / "gpu").exists()  # refused before the run folder, before Ray
 
 
+def test_shards_from_before_the_pyramid_get_one_warning_line(faces_dir, tmp_path, monkeypatch, capsys):
+    """Shards written before each phase had its own resolution still train, with one line that
+    says they decode the full size in every phase and how to rebuild them (issue 24). The run is
+    stopped right after by the GPU check, before Ray starts."""
+    from test_shard_checks import write_shards
+
+    write_shards(tmp_path / "old-shards", faces_dir, [4, 4])  # 16 px, no "levels" in the manifest
+    monkeypatch.setattr(cluster.local, "local_gpu_count", lambda: 1)
+    status = launch.main(["--nodes", "4", "--data", str(tmp_path / "old-shards"), "--no-prometheus", "--run-name", "old",
+                          "--dashboard-port", str(free_port()), f"checkpoint.run_root={tmp_path / 'runs'}",
+                          "model.max_resolution=16"])
+    err = capsys.readouterr().err.splitlines()
+    assert status == 2 and len(err) == 2 and err[1].startswith("error: --nodes 4"), err
+    assert err[0].startswith(f"[launch] warning: {tmp_path / 'old-shards'} was made before shards held every resolution")
+    assert err[0].endswith(f"--output {tmp_path / 'old-shards'} --resolution 16 --overwrite"), err[0]
+
+
 @pytest.mark.parametrize("nodes, gpus, use_gpu", [(2, 4, None), (2, 2, True), (4, 1, False), (4, 0, None)])
 def test_nodes_that_each_get_a_gpu_or_use_none_pass(monkeypatch, nodes, gpus, use_gpu):
     monkeypatch.setattr(cluster.local, "local_gpu_count", lambda: gpus)
