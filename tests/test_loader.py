@@ -20,6 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from base.errors import UserError
+from data_pipeline.levels import pyramid
 from data_pipeline.loader import (LOADER_CHUNK, BatchReader, FaceStream, count_images, rank_slices, shard_list,
                                   to_training_range)
 from data_pipeline.manifest import FORMAT_VERSION, MANIFEST_NAME, stored_resolution, write_json
@@ -194,6 +195,17 @@ def test_pooling_gives_the_official_levels_of_detail_exactly():
     assert torch.equal(to_training_range(images, STORED), images.permute(0, 3, 1, 2).float() / 127.5 - 1)
     with pytest.raises(ValueError, match="cannot make 64px batches"):
         to_training_range(images, 64)
+
+
+def test_the_pipelines_pyramid_is_the_official_levels_of_detail_from_1024_px():
+    """levels.pyramid (the pipeline's, carrying float means from level to level) gives the
+    official quantised levels down to 4 px from 1024 px, where float32 needs all its 24 bits."""
+    image = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    image[:4, :4] = 255  # the largest sums
+    levels = pyramid(image)
+    assert [level.shape[0] for level in levels] == [4, 8, 16, 32, 64, 128, 256, 512]
+    for steps, level in enumerate(reversed(levels), start=1):
+        assert np.array_equal(level, official_lod(image[None], steps)[0]), level.shape
 
 
 def test_mirroring_flips_about_half_of_the_images(faces_dir):
