@@ -386,7 +386,7 @@ class BatchReader:
 
     def next_batch(self, batch_size: int, resolution: int) -> torch.Tensor:
         if self.staging is None:
-            images = torch.stack(self._take(batch_size)).to(self.device)
+            images = stack_images(self._take(batch_size)).to(self.device)
             images = to_training_range(images, resolution)
             return mirror_randomly(images, self.flips) if self.mirror else images
         images, flip = self.staging.hand_over(self._staged(batch_size))
@@ -496,6 +496,26 @@ def worker_error_line(message: str) -> str:
     return last[0].split(marker, 1)[1] if marker in last[0] else last[0]
 
 
+# Why the CPU path's batches are made with numpy (stack_images, to_training_range, mirror_with):
+# torch splits each element-wise op and copy above 32768 elements over every core with OpenMP,
+# and then waits for all its threads. Where the cores are busy (the training step's own
+# threads, other processes), that wait cost many times the work, which is a few memory passes
+# over the batch: numpy does them in one thread (README's Benchmarks: the loader at real sizes,
+# before and after). The operations are the same IEEE float32 ones, so the values are the same
+# to the bit (tests/test_loader_prefetch.py). Tensors that require grad, or live on a device,
+# take torch's path.
+
+
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """HxWx3 uint8 CPU images -> one NHWC batch (numpy's copy, in one thread: see above)."""
+    return torch.from_numpy(np.stack([image.numpy() for image in images]))
+
+
+def on_host(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` takes the numpy path (see above): on the CPU, no autograd."""
+    return tensor.device.type == "cpu" and not tensor.requires_grad
+
+
 def to_training_range(images: torch.Tensor, resolution: int) -> torch.Tensor:
     """uint8 NHWC as read -> float32 NCHW in [-1, 1] at `resolution`: images at a larger size are
     first averaged down to it as the pyramid's levels are (levels.average_down), so a phase
@@ -504,6 +524,11 @@ def to_training_range(images: torch.Tensor, resolution: int) -> torch.Tensor:
     if resolution > stored or stored % resolution:
         raise ValueError(f"cannot make {resolution}px batches from shards stored at {stored}px")
     factor = stored // resolution
+    if factor == 1 and on_host(images):
+        pixels = images.numpy().transpose(0, 3, 1, 2).astype(np.float32, order="C")
+        pixels /= np.float32(127.5)
+        pixels -= np.float32(1.0)
+        return torch.from_numpy(pixels)
     if factor == 1:
         return images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
     return average_down(images.permute(0, 3, 1, 2).float(), factor).div_(127.5).sub_(1.0)
@@ -521,4 +546,7 @@ def flip_mask(count: int, generator: torch.Generator) -> torch.Tensor:
 def mirror_with(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """NCHW images, those where `flip` is true mirrored left to right (`flip` moved to their
     device if it is elsewhere: a blocking copy; BatchReader's CUDA path hands it over there)."""
+    if on_host(images):
+        pixels = images.numpy()
+        return torch.from_numpy(np.where(flip.cpu().numpy()[:, None, None, None], pixels[..., ::-1], pixels))
     return torch.where(flip.to(images.device)[:, None, None, None], images.flip(3), images)
