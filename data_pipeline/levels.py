@@ -10,8 +10,8 @@ each level quantised with np.rint), so a level stored as uint8 is exact, and a p
 same pixels from either kind of shards.
 
 How a level is stored (manifest.level_format): up to 128 px as raw RGB bytes (format "rgb": H*W*3 bytes, row by
-row), whose decode is a copy; above it as PNG (lossless, a quarter of the size of the level
-above it). So the pyramid costs about a third of the full-size shards' bytes (README, Data).
+row), whose decode is a copy; above it as PNG (lossless). The PNG levels cost about a third of the full size's
+bytes, the raw ones a fixed 65 KB a face (README, Benchmarks: bench.pyramid_disk).
 """
 from __future__ import annotations
 
