@@ -11,8 +11,8 @@ default ~/.cache/progan-data-pipeline) and uploaded when complete, manifest.json
 inputs and the output folder are checked before Ray starts: a mistake costs one line on stderr
 and exit code 2. An output with a complete manifest.json is left alone unless
 --overwrite, and refused (exit code 2) if it was made at another --resolution, --format,
---shard-size, --min-prob, --margin or inputs (names, sizes, times); an interrupted run is resumed
-by running the same command again. The pipeline removes or replaces only its own output (what its
+--shard-size, --min-prob, --margin or inputs (names, sizes, times); an interrupted run (Ctrl-C: one line,
+exit code 130) is resumed by running the same command again, after the blocks it finished. The pipeline removes or replaces only its own output (what its
 manifest or its plan in .partial/ names): any other file in DIR stops it in one line, unless
 --overwrite (which replaces the pipeline's names, manifest.json, rejects.jsonl, shard-NNNNNN.tar and
 .partial/, and leaves other files alone). Photos read and their outcomes go to Prometheus through Ray's metrics export, labelled
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -79,10 +81,57 @@ def run(args: argparse.Namespace) -> int:
     from data_pipeline.prepare import prepare  # torch and Ray load only once the arguments are good
     from data_pipeline.runtime import ray_session
 
-    with ray_session(args.address, args.nodes):
+    with QuietStop(progress_shown=not args.quiet), ray_session(args.address, args.nodes):
         manifest = prepare(config, sources, show_progress=not args.quiet)
     print(summary_line(manifest, config.output, time.monotonic() - started))
     return 0
+
+
+class QuietStop:
+    """Ctrl-C while Ray runs ends in the one line run_cli prints, and nothing else. A terminal's
+    Ctrl-C sends SIGINT to every process of the command, but Ray's own processes block it, so it
+    is this driver's to stop them. On the first SIGINT this handler (in the main thread, before
+    anything unwinds) ignores any further one, so that a second Ctrl-C cannot cut the nodes'
+    shutdown short and leave them running, and sends this process's stdout and stderr to
+    /dev/null until Ray is down: stopping the pipeline's tasks, Ray reports each task it
+    cancels ('(raylet) Task ... submit failed ...'), none of which the user can act on. The
+    finished shards stay: the same command resumes after them. A SIGINT the caller ignores
+    (a background job of a script) stays ignored."""
+
+    def __init__(self, progress_shown: bool):
+        self.progress_shown = progress_shown  # a progress bar's line may be open on stderr
+        self.previous = None
+        self.saved: list[int] = []  # the real stdout and stderr while muted
+
+    def __enter__(self) -> QuietStop:
+        self.previous = signal.getsignal(signal.SIGINT)
+        if self.previous is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self.interrupt)
+        return self
+
+    def interrupt(self, signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.progress_shown:
+            os.write(2, b"\n")  # the bar stays as last drawn; the one line goes below it
+        self.saved = [os.dup(1), os.dup(2)]
+        muted = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(muted, fd)
+        os.close(muted)
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.saved:  # interrupted: Ray is down now; SIGINT stays ignored until the process ends
+            sys.stdout.flush()  # what was written while muted goes where it was meant to: nowhere
+            sys.stderr.flush()
+            for fd, saved in zip((1, 2), self.saved):
+                os.dup2(saved, fd)
+                os.close(saved)
+            self.saved = []
+        elif self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def main(argv: list[str] | None = None) -> int:
