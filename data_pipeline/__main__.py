@@ -32,7 +32,7 @@ from cluster.local import keep_ray_on_loopback
 from data_pipeline.config import IMAGE_FORMATS, PrepareConfig
 from base import storage
 from base.errors import OneLineParser, UserError, run_cli
-from data_pipeline.manifest import check_same_settings, ensure_writable_folder, read_manifest
+from data_pipeline.manifest import check_same_settings, ensure_writable_folder, old_shards_note, read_manifest
 from data_pipeline.shards import check_own_output
 from data_pipeline.sources import check_inputs_exist, inputs_fingerprint, list_sources
 
@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         check_same_settings(finished, config, config.output)  # other settings: refused, not "done"
         print(f"{config.output} is already complete ({finished['counts']['faces_kept']} faces in "
               f"{len(finished['shards'])} shards): nothing to do (--overwrite redoes it)")
+        if note := old_shards_note(config.output):
+            print(note, file=sys.stderr)
         return 0
     if not config.overwrite and not storage.is_remote(config.output):
         check_own_output(Path(config.output))  # before Ray starts: the pipeline writes only among its own files

@@ -396,10 +396,11 @@ def test_a_resumed_stream_goes_on_with_the_pass(prepared):
     assert all(torch.equal(a, b) for a, b in zip(first_pass[13:], (next(later) for _ in range(21))))
 
 
-def test_shards_from_before_the_pyramid_still_train_and_say_how_to_rebuild(prepared, tmp_path):
+def test_shards_from_before_the_pyramid_still_train_and_say_how_to_rebuild(prepared, inputs, tmp_path):
     """An output written before the pyramid (no levels in its manifest, no level shards): the
     stream reads the full size and gives the same batches, and the launcher's note says in one
-    line that it is slow and how to rebuild it."""
+    line that it is slow and how to rebuild it; the pipeline's rerun leaves it as it is and
+    says so too."""
     output, manifest = prepared
     old = tmp_path / "old-shards"
     old.mkdir()
@@ -417,6 +418,9 @@ def test_shards_from_before_the_pyramid_still_train_and_say_how_to_rebuild(prepa
     old_batches, new_batches = (BatchReader(s, mirror=True, seed=5) for s in (stream, new))
     for _ in range(3):
         assert torch.equal(old_batches.next_batch(8, 16), new_batches.next_batch(8, 16))
+    rerun = run_cli(*cli_args(inputs[1], old))
+    assert rerun.returncode == 0 and "already complete" in rerun.stdout, rerun.stderr
+    assert rerun.stderr.strip() == note
 
 
 def wait_for(condition, timeout: float) -> None:
