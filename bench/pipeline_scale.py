@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -52,6 +51,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from PIL import Image
 from tqdm import tqdm
 
@@ -64,17 +64,6 @@ MAX_PAD = 0.12   # of a side, added on the left or top as repeated edge pixels
 JPEG_QUALITY = 90
 PER_FOLDER = 1000  # photos per subfolder of the photo folder
 RECORD = "photos.json"  # written last: the folder holds the whole set
-
-
-def import_psutil():
-    """psutil, installed or the copy Ray ships in ray/thirdparty_files (which Ray puts on
-    sys.path itself when imported; found here without importing Ray)."""
-    try:
-        import psutil
-    except ImportError:
-        sys.path.append(os.path.join(importlib.util.find_spec("ray").submodule_search_locations[0], "thirdparty_files"))
-        import psutil
-    return psutil
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +203,7 @@ class TreeMemory:
     module docstring for what each figure counts)."""
 
     def __init__(self, pid: int, interval_s: float = 0.5):
-        self.psutil = import_psutil()
+        self.psutil = psutil
         self.root = self.psutil.Process(pid)
         self.interval_s = interval_s
         self.peaks = {"driver_peak_rss_mb": 0.0, "driver_peak_private_mb": 0.0, "tree_peak_rss_mb": 0.0, "tree_peak_pss_mb": 0.0,

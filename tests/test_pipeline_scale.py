@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray  # noqa: F401 - puts the psutil that Ray ships (ray/thirdparty_files) on sys.path
 import psutil
 from PIL import Image
 
