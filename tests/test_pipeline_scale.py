@@ -92,7 +92,7 @@ def run_sampled(photos: Path, output: Path) -> dict:
 
 class TreeMemory:
     """Samples a process and its descendants (the local Ray node it starts and the node's workers)
-    every 0.2 s in a thread: the peaks of the process's private memory (resident, less file-backed
+    every 0.5 s in a thread: the peaks of the process's private memory (resident, less file-backed
     and shared pages: where the Python heap lives) and of the tree's summed proportional set
     size, and the most processes seen at once."""
 
@@ -112,7 +112,7 @@ class TreeMemory:
         self.thread.join()
 
     def run(self) -> None:
-        while not self.stop.wait(0.2):
+        while not self.stop.wait(0.5):
             try:
                 tree = [self.root, *self.root.children(recursive=True)]
             except psutil.NoSuchProcess:
