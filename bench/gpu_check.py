@@ -7,6 +7,13 @@ Made to run in one go on a machine with one NVIDIA GPU (default budget 300 s);
 Ray four times), so the script is known to work before a GPU ever runs it. Everything goes through the project's public
 entry points, so it follows the training loop's internals as they change:
 - environment: torch, CUDA, NCCL and Ray versions, the GPU's name, bf16 support;
+- mtcnn_1024: bench.mtcnn (in this process) on `mtcnn_1024_photos` photos scaled to a long side
+  of 1024 px, the most the pipeline's detector sees: that detector on one CPU thread (as each of
+  the pipeline's CPU actors runs it) and on the GPU, in the same turns, faces/s each (run
+  second, so that the budget never cuts it). gpu_vs_all_cpus = the GPU's faces/s / (one
+  thread's x the cores): above 1, one GPU detector outruns a single-threaded one on every core
+  (assuming the CPU figure scales with the cores), which is what
+  data_pipeline.prepare.detector_resources chooses between;
 - shards: `python -m data_pipeline` on the photos (face shards at the largest resolution);
 - train: `launch.py --nodes 1` (Ray Train, one GPU worker, NCCL for CUDA tensors) from a config
   written to the work folder, at the paper's widths (fmap_base 8192, fmap_max 512, latent 512):
@@ -64,16 +71,17 @@ class Sizes:
     log_every: int             # steps per stats line
     loader_workers: int
     photos: int                # photos for the shards and for MTCNN
+    mtcnn_1024_photos: int     # photos for MTCNN at a 1024 px long side, CPU vs GPU
     eval_images: int           # SWD images per set
     train_limit_s: float       # per training run, Ray's start included
     bare_steps: dict           # bench.train_step: resolution -> batch (the paper's minibatch there)
 
 
 GPU_SIZES = Sizes(resolutions=(64, 128), steps=100, batch=32, widths=PAPER_WIDTHS, log_every=20,
-                  loader_workers=4, photos=100, eval_images=4096, train_limit_s=120,
+                  loader_workers=4, photos=100, mtcnn_1024_photos=32, eval_images=4096, train_limit_s=120,
                   bare_steps={128: 32, 256: 16})
 QUICK_SIZES = Sizes(resolutions=(8, 16), steps=12, batch=8, widths={"latent_size": 32, "fmap_base": 256, "fmap_max": 32},
-                    log_every=3, loader_workers=0, photos=16, eval_images=64, train_limit_s=240,
+                    log_every=3, loader_workers=0, photos=16, mtcnn_1024_photos=4, eval_images=64, train_limit_s=240,
                     bare_steps={8: 8, 16: 8})
 
 
@@ -385,11 +393,44 @@ def check_mtcnn(ctx: Context) -> dict:
     return result
 
 
+def check_mtcnn_1024(ctx: Context) -> dict:
+    """bench.mtcnn's pipeline detector at a 1024 px long side, on one CPU thread and on the GPU
+    (module docstring, mtcnn_1024); its JSON line goes to a log file."""
+    import contextlib
+    import io
+
+    import torch
+
+    from bench import mtcnn
+
+    if ctx.budget.limit(60) < 20:
+        raise CheckFailed("skipped: the time budget is spent")
+    args = ["--input", str(ctx.photos), "--limit", str(ctx.sizes.mtcnn_1024_photos), "--long-side", "1024",
+            "--variants", "pipeline", "--devices", "cpu,cuda" if ctx.gpu else "cpu", "--rounds", "1",
+            "--threads", "1", "--json"]
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            found = mtcnn.main(args)
+    finally:
+        torch.set_num_threads(threads)  # the bare steps after it run on every core
+    (ctx.work / "mtcnn-1024.log").write_text(out.getvalue())
+    cpus = len(os.sched_getaffinity(0))
+    result = {"long_side": 1024, "photos": found["photos"], "cpus": cpus, "cpu_threads": 1,
+              "cpu_faces_per_s": found["pipeline_faces_per_s"], "cpu_faces_kept": found["pipeline_faces_kept"]}
+    if ctx.gpu:
+        cuda = found["pipeline_cuda_faces_per_s"]
+        result.update(gpu=found.get("gpu"), cuda_faces_per_s=cuda, cuda_faces_kept=found["pipeline_cuda_faces_kept"],
+                      cuda_agreement=found["pipeline_cuda_agreement"], gpu_vs_one_cpu=found["cuda_speedup"],
+                      gpu_vs_all_cpus=round(cuda / max(found["pipeline_faces_per_s"] * cpus, 1e-9), 2))
+    return result
+
+
 # ---------------------------------------------------------------- the script
 
 def checks(ctx: Context) -> list[tuple[str, dict, object]]:
     """(name, fields that name the case, the check), in order: later checks use earlier results."""
-    listed = [("environment", {}, check_environment), ("shards", {}, check_shards),
+    listed = [("environment", {}, check_environment), ("mtcnn_1024", {}, check_mtcnn_1024), ("shards", {}, check_shards),
               ("train", {"precision": "fp32"}, lambda c: check_train(c, "fp32")), ("resume", {}, check_resume),
               ("train", {"precision": "bf16"}, lambda c: check_train(c, "bf16"))]
     for resolution in ctx.sizes.bare_steps:
