@@ -30,8 +30,16 @@ Memory, sampled every --sample-s seconds while it runs (psutil):
   object store) count once per process, so this is an upper bound on what the run holds;
 - tree_peak_pss_mb: the same sum of proportional set sizes (each shared page split among the
   processes sharing it): closer to what the run takes from the machine;
-- tree_processes_max: the most processes seen in the tree at one sample.
-Processes outside the tree (another Ray cluster, another job) are not counted. Shards and counts
+- tree_processes_max: the most processes seen in the tree at one sample;
+- tree_pss_mb_at_peak_by_process: the tree's PSS at its peak sample, by kind of process (the
+  driver, GCS, raylet, Ray's agents, each kind of worker by its title);
+- driver_private_mb_by_tenth, detectors_pss_mb_by_tenth, tree_pss_mb_by_tenth: the largest
+  sample in each tenth of the run (by samples) of the driver's private memory, the detector
+  actors' summed PSS and the tree's PSS: a rise from tenth to tenth is memory that grows with
+  the photos done, a peak alone in one tenth a passing one (a batch of large photos).
+Processes outside the tree (another Ray cluster, another job) are not counted. Each sample reads
+every process's /proc smaps, which costs CPU time in this process beside the run it measures:
+--sample-s trades that against how sharp the peaks are. Shards and counts
 come from the output's manifest.json: `shards` (blocks with a kept face), `shard_files` (every
 .tar the manifest lists, the pyramid's levels included), `counts` as the manifest has them.
 """
@@ -42,6 +50,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +73,7 @@ MAX_PAD = 0.12   # of a side, added on the left or top as repeated edge pixels
 JPEG_QUALITY = 90
 PER_FOLDER = 1000  # photos per subfolder of the photo folder
 RECORD = "photos.json"  # written last: the folder holds the whole set
+DETECTOR_TITLE = "FaceDetector"  # in the titles of the pipeline's detector actors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,13 +212,15 @@ class TreeMemory:
     """Samples, in a thread, the memory of a process and its descendants until stopped (see the
     module docstring for what each figure counts)."""
 
-    def __init__(self, pid: int, interval_s: float = 0.5):
+    def __init__(self, pid: int, interval_s: float = 1.0):
         self.psutil = psutil
         self.root = self.psutil.Process(pid)
         self.interval_s = interval_s
         self.peaks = {"driver_peak_rss_mb": 0.0, "driver_peak_private_mb": 0.0, "tree_peak_rss_mb": 0.0, "tree_peak_pss_mb": 0.0,
                       "tree_processes_max": 0}
         self.samples = 0
+        self.at_pss_peak: dict[str, float] = {}  # PSS (MB) by kind of process at the tree's PSS peak
+        self.timeline: list[tuple[float, float, float]] = []  # per sample: driver private, detectors' PSS, tree PSS (MB)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tree-memory", daemon=True)
 
@@ -227,20 +239,28 @@ class TreeMemory:
         except psutil.NoSuchProcess:
             return
         rss = pss = 0
-        counted = 0
+        counted, private = 0, 0.0
+        by_kind: dict[str, float] = {}
         for process in processes:
             try:
                 info = process.memory_full_info()  # rss, and pss from /proc/PID/smaps_rollup
+                kind = "driver" if process.pid == self.root.pid else process_kind(process.cmdline())
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue  # ended between the listing and now
             if process.pid == self.root.pid:
+                private = (info.rss - info.shared) / 2**20
                 self._peak("driver_peak_rss_mb", info.rss / 2**20)
-                self._peak("driver_peak_private_mb", (info.rss - info.shared) / 2**20)
+                self._peak("driver_peak_private_mb", private)
             rss, pss, counted = rss + info.rss, pss + info.pss, counted + 1
+            by_kind[kind] = by_kind.get(kind, 0.0) + info.pss / 2**20
         self._peak("tree_peak_rss_mb", rss / 2**20)
+        if pss / 2**20 > self.peaks["tree_peak_pss_mb"]:
+            self.at_pss_peak = {kind: round(mb, 1) for kind, mb in sorted(by_kind.items(), key=lambda item: -item[1])}
         self._peak("tree_peak_pss_mb", pss / 2**20)
         self._peak("tree_processes_max", counted)
         self.samples += 1
+        detectors = sum(mb for kind, mb in by_kind.items() if DETECTOR_TITLE in kind)
+        self.timeline.append((private, detectors, pss / 2**20))
 
     def _peak(self, name: str, value: float) -> None:
         self.peaks[name] = max(self.peaks[name], value)
@@ -251,7 +271,25 @@ class TreeMemory:
             self._stop.wait(self.interval_s)
 
     def result(self) -> dict:
-        return {name: round(value, 1) if isinstance(value, float) else value for name, value in self.peaks.items()}
+        peaks = {name: round(value, 1) if isinstance(value, float) else value for name, value in self.peaks.items()}
+        tenths = [self.timeline[len(self.timeline) * k // 10:len(self.timeline) * (k + 1) // 10] for k in range(10)]
+        by_tenth = {name: [round(max(sample[column] for sample in tenth), 1) if tenth else None for tenth in tenths]
+                    for column, name in enumerate(("driver_private_mb_by_tenth", "detectors_pss_mb_by_tenth",
+                                                   "tree_pss_mb_by_tenth"))}
+        return {**peaks, "tree_pss_mb_at_peak_by_process": self.at_pss_peak, **by_tenth}
+
+
+def process_kind(command: list[str]) -> str:
+    """A process of the tree by what it runs: a Ray worker by its title ("ray::IDLE",
+    "ray::MapWorker(MapBatches(FaceDetector))", one kind whether it runs a method or waits), a
+    Python process by its script's name
+    (Ray's agents), else its program's name (gcs_server, raylet)."""
+    if not command:
+        return "?"
+    if command[0].startswith("ray::"):  # an actor's title gains ".method" while it runs one
+        return re.sub(r"\)\.\w+$", ")", command[0].split()[0])
+    script = next((Path(arg).name for arg in command[1:4] if arg.endswith(".py")), None)
+    return script or Path(command[0].split()[0]).name
 
 
 def pipeline_command(photos: Path, output: Path, resolution: int, shard_size: int, nodes: int | None = None) -> list[str]:
@@ -261,7 +299,7 @@ def pipeline_command(photos: Path, output: Path, resolution: int, shard_size: in
 
 
 def run_pipeline(photos: Path, output: Path, resolution: int, shard_size: int, nodes: int | None = None,
-                 sample_s: float = 0.5, timeout_s: float | None = None) -> dict:
+                 sample_s: float = 1.0, timeout_s: float | None = None) -> dict:
     """A fresh `python -m data_pipeline` run on `photos` into `output`, timed and sampled; the
     figures and the manifest's shard count and counts. RuntimeError (with its last output
     line) when it fails."""
@@ -305,7 +343,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--small-share", type=float, default=0.0, help="share of the photos at --small-side instead")
     parser.add_argument("--small-side", type=int, default=256)
     parser.add_argument("--nodes", type=int, default=None, help="the pipeline's --nodes (default: its own, 1)")
-    parser.add_argument("--sample-s", type=float, default=0.5, help="seconds between memory samples")
+    parser.add_argument("--sample-s", type=float, default=1.0, help="seconds between memory samples")
     parser.add_argument("--workdir", default=str(PROJECT / "runs" / "pipeline-scale"),
                         help="where the photos (kept for later runs) and the shards go")
     parser.add_argument("--quiet", action="store_true", help="no progress bar while the photos are made")
