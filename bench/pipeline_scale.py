@@ -13,8 +13,9 @@ once as JPEG (quality 90) to WORKDIR/photos-N-... and reused by later runs with 
 sizes.
 
 The run: `python -m data_pipeline --input PHOTOS --output WORKDIR/shards-... --resolution R
---shard-size S --quiet` as a subprocess (its output folder removed first, so nothing is resumed),
-its wall time from start to exit (Ray's start and shutdown included) -> seconds and photos_per_s.
+--shard-size S` as a subprocess (its output folder removed first, so nothing is resumed), its
+progress bars on this terminal (with --quiet it runs --quiet too), its wall time from start to
+exit (Ray's start and shutdown included) -> seconds and photos_per_s.
 
 Memory, sampled every --sample-s seconds while it runs (psutil):
 - driver_peak_rss_mb: the resident set of the pipeline's own process (the driver: listing,
@@ -292,22 +293,24 @@ def process_kind(command: list[str]) -> str:
     return script or Path(command[0].split()[0]).name
 
 
-def pipeline_command(photos: Path, output: Path, resolution: int, shard_size: int, nodes: int | None = None) -> list[str]:
+def pipeline_command(photos: Path, output: Path, resolution: int, shard_size: int, nodes: int | None = None,
+                     quiet: bool = True) -> list[str]:
     return [sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", str(output),
-            "--resolution", str(resolution), "--shard-size", str(shard_size), "--quiet",
+            "--resolution", str(resolution), "--shard-size", str(shard_size), *(["--quiet"] if quiet else []),
             *(["--nodes", str(nodes)] if nodes else [])]
 
 
 def run_pipeline(photos: Path, output: Path, resolution: int, shard_size: int, nodes: int | None = None,
-                 sample_s: float = 1.0, timeout_s: float | None = None) -> dict:
+                 sample_s: float = 1.0, timeout_s: float | None = None, show_progress: bool = False) -> dict:
     """A fresh `python -m data_pipeline` run on `photos` into `output`, timed and sampled; the
     figures and the manifest's shard count and counts. RuntimeError (with its last output
-    line) when it fails."""
+    line) when it fails. `show_progress`: its progress bars (stderr) on this process's stderr."""
     shutil.rmtree(output, ignore_errors=True)
     load_before = os.getloadavg()[0]
     started = time.monotonic()
-    process = subprocess.Popen(pipeline_command(photos, output, resolution, shard_size, nodes), cwd=PROJECT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(pipeline_command(photos, output, resolution, shard_size, nodes, quiet=not show_progress),
+                               cwd=PROJECT, stdout=subprocess.PIPE, stderr=None if show_progress else subprocess.STDOUT,
+                               text=True)
     with TreeMemory(process.pid, sample_s) as memory:
         try:
             log, _ = process.communicate(timeout=timeout_s)
@@ -346,7 +349,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample-s", type=float, default=1.0, help="seconds between memory samples")
     parser.add_argument("--workdir", default=str(PROJECT / "runs" / "pipeline-scale"),
                         help="where the photos (kept for later runs) and the shards go")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar while the photos are made")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (making the photos, the run)")
     args = parser.parse_args(argv)
     if args.photos < 1 or not 0 <= args.small_share <= 1 or min(args.long_side, args.small_side) < 2:
         parser.error("--photos must be at least 1, --small-share within 0..1, sides at least 2 px")
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = make_photos(work / name, args.photos, args.seed, args.long_side, args.small_share, args.small_side,
                          show_progress=not args.quiet)
     figures = run_pipeline(work / name, work / f"shards-{name[len('photos-'):]}-r{args.resolution}-s{args.shard_size}",
-                           args.resolution, args.shard_size, args.nodes, args.sample_s)
+                           args.resolution, args.shard_size, args.nodes, args.sample_s, show_progress=not args.quiet)
     result = {"bench": "pipeline_scale", **figures, "resolution": args.resolution, "shard_size": args.shard_size,
               "photo_set": {key: value for key, value in record.items() if key not in ("digest", "settings")},
               **{key: value for key, value in record["settings"].items() if key != "photos"},
