@@ -277,7 +277,11 @@ def ensure_writable_folder(folder: str) -> None:
 def check_face_count(shards: Path | str, workers: int, label: str) -> None:
     """Every training worker needs faces: too few stop here, in one line, not in restarting workers.
     `label`: how the user named the data (--data's value), for the message."""
-    manifest = require_manifest(shards)
+    check_faces(require_manifest(shards), shards, workers, label)
+
+
+def check_faces(manifest: dict, shards: Path | str, workers: int, label: str) -> None:
+    """check_face_count on a manifest already read from `shards`."""
     faces = sum(shard["samples"] for shard in manifest["shards"])
     if faces >= workers:
         return
@@ -291,19 +295,23 @@ def check_face_count(shards: Path | str, workers: int, label: str) -> None:
                      f"add photos or pass --workers {faces}")
 
 
-def check_shards(path: Path | str, max_resolution: int, workers: int) -> None:
-    """Complete shards, at the model's resolution or above, with a face for every worker."""
-    stored = stored_resolution(str(path))
+def check_shards(path: Path | str, max_resolution: int, workers: int) -> dict:
+    """Complete shards, at the model's resolution or above, with a face for every worker; their
+    manifest (read once)."""
+    manifest = require_manifest(path)
+    stored = int(manifest["resolution"])
     if stored < max_resolution:
         raise UserError(f"--data {path}: shards hold {stored}x{stored} images but model.max_resolution is "
                          f"{max_resolution}; make shards at >= {max_resolution} or lower it")
-    check_face_count(path, workers, str(path))
+    check_faces(manifest, path, workers, str(path))
+    return manifest
 
 
-def old_shards_note(path: Path | str) -> str | None:
+def old_shards_note(path: Path | str, manifest: dict | None = None) -> str | None:
     """One warning line for complete shards written before the resolution pyramid (they still
-    train, at the stored resolution's decoding cost in every phase); None for shards with it."""
-    manifest = require_manifest(path)
+    train, at the stored resolution's decoding cost in every phase); None for shards with it.
+    `manifest`: theirs, when already read."""
+    manifest = require_manifest(path) if manifest is None else manifest
     if has_pyramid(manifest):
         return None
     stored = manifest["resolution"]
@@ -315,8 +323,9 @@ def old_shards_note(path: Path | str) -> str | None:
             f"--resolution {stored} --overwrite")
 
 
-def check_remote_shards(url: str, max_resolution: int, workers: int) -> str:
-    """Shards on object storage (raw photos there are not supported: prepare them first)."""
+def check_remote_shards(url: str, max_resolution: int, workers: int) -> dict:
+    """Shards on object storage (raw photos there are not supported: prepare them first); their
+    manifest."""
     try:
         found = storage.exists(storage.join(url, MANIFEST_NAME))
     except Exception as exc:  # no credentials, no such endpoint: one line, not a traceback
@@ -324,23 +333,22 @@ def check_remote_shards(url: str, max_resolution: int, workers: int) -> str:
     if not found:
         raise UserError(f"--data {url}: no {MANIFEST_NAME} there; on object storage --data must be face shards: "
                          f"python -m data_pipeline --input PHOTOS --output {url}")
-    check_shards(url, max_resolution, workers)
-    return url
+    return check_shards(url, max_resolution, workers)
 
 
-def check_training_data(data: str, max_resolution: int, workers: int) -> tuple[Path | str, bool]:
-    """(path, is_shards) for a training run's --data: a shards folder or URL is used as is (after
-    the checks above), a folder of photos goes through the pipeline first."""
+def check_training_data(data: str, max_resolution: int, workers: int) -> tuple[Path | str, dict | None]:
+    """(path, manifest) for a training run's --data: a shards folder or URL is used as is (after
+    the checks above, their manifest read once); a folder of photos (manifest None) goes through
+    the pipeline first."""
     from data_pipeline.sources import IMAGE_SUFFIXES
 
     if storage.is_remote(data):
-        return check_remote_shards(data, max_resolution, workers), True
+        return data, check_remote_shards(data, max_resolution, workers)
     path = Path(data)
     if not path.is_dir():
         raise UserError(f"--data {path}: no such folder")
     if (path / MANIFEST_NAME).is_file():
-        check_shards(path, max_resolution, workers)
-        return path, True
+        return path, check_shards(path, max_resolution, workers)
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
         raise UserError(f"--data {path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
-    return path, False
+    return path, None

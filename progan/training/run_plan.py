@@ -91,9 +91,9 @@ def plan_run(args: argparse.Namespace, before_ray=None) -> RunPlan:
     cfg, run_dir = resolve_config(args)
     if before_ray is not None:
         before_ray(cfg, run_dir)
-    plan = RunPlan(cfg, run_dir, *check_training_data(cfg.data.path, cfg.model.max_resolution,
-                                                      cfg.cluster.workers or cfg.cluster.nodes))
-    if plan.is_shards and (note := old_shards_note(plan.data)):
+    data, manifest = check_training_data(cfg.data.path, cfg.model.max_resolution, cfg.cluster.workers or cfg.cluster.nodes)
+    plan = RunPlan(cfg, run_dir, data, is_shards=manifest is not None)
+    if manifest is not None and (note := old_shards_note(data, manifest)):
         print(f"[launch] {note}", file=sys.stderr, flush=True)
     if args.resume:
         from progan.model.checkpoint import check_resume  # imports torch: only a resume pays for it here
