@@ -55,7 +55,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -64,6 +63,8 @@ from pathlib import Path
 import psutil
 from PIL import Image
 from tqdm import tqdm
+
+from base.process_memory import Reading, TreeMemory
 
 PROJECT = Path(__file__).resolve().parents[1]
 BASE_FOLDERS = (PROJECT / "data" / "demo_faces", PROJECT.parent / "shared" / "faces" / "aligned",
@@ -209,70 +210,41 @@ def make_photos(folder: Path, n: int, seed: int = 0, long_side: int = 1024, smal
 # The run
 
 
-class TreeMemory:
-    """Samples, in a thread, the memory of a process and its descendants until stopped (see the
-    module docstring for what each figure counts)."""
+class DetailedTreeMemory(TreeMemory):
+    """base.process_memory's sampler, plus what the bench reports beyond its peaks: the tree's PSS
+    by kind of process at its peak, and per sample the driver's private memory, the detector
+    actors' PSS and the tree's PSS (see the module docstring for what each figure counts)."""
 
     def __init__(self, pid: int, interval_s: float = 1.0):
-        self.psutil = psutil
-        self.root = self.psutil.Process(pid)
-        self.interval_s = interval_s
-        self.peaks = {"driver_peak_rss_mb": 0.0, "driver_peak_private_mb": 0.0, "tree_peak_rss_mb": 0.0, "tree_peak_pss_mb": 0.0,
-                      "tree_processes_max": 0}
-        self.samples = 0
+        super().__init__(pid, interval_s)
         self.at_pss_peak: dict[str, float] = {}  # PSS (MB) by kind of process at the tree's PSS peak
         self.timeline: list[tuple[float, float, float]] = []  # per sample: driver private, detectors' PSS, tree PSS (MB)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tree-memory", daemon=True)
+        self._kinds: dict[int, str] = {}  # pid -> kind, read once per process
 
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def sample(self) -> None:
-        psutil = self.psutil
-        try:
-            processes = [self.root, *self.root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        rss = pss = 0
-        counted, private = 0, 0.0
+    def record(self, readings: list[Reading]) -> None:
         by_kind: dict[str, float] = {}
-        for process in processes:
-            try:
-                info = process.memory_full_info()  # rss, and pss from /proc/PID/smaps_rollup
-                kind = "driver" if process.pid == self.root.pid else process_kind(process.cmdline())
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue  # ended between the listing and now
-            if process.pid == self.root.pid:
-                private = (info.rss - info.shared) / 2**20
-                self._peak("driver_peak_rss_mb", info.rss / 2**20)
-                self._peak("driver_peak_private_mb", private)
-            rss, pss, counted = rss + info.rss, pss + info.pss, counted + 1
-            by_kind[kind] = by_kind.get(kind, 0.0) + info.pss / 2**20
-        self._peak("tree_peak_rss_mb", rss / 2**20)
-        if pss / 2**20 > self.peaks["tree_peak_pss_mb"]:
+        for reading in readings:
+            kind = self._kind(reading)
+            by_kind[kind] = by_kind.get(kind, 0.0) + reading.pss_mb
+        tree_pss = sum(reading.pss_mb for reading in readings)
+        if tree_pss >= self.peaks["tree_pss_mb"]:
             self.at_pss_peak = {kind: round(mb, 1) for kind, mb in sorted(by_kind.items(), key=lambda item: -item[1])}
-        self._peak("tree_peak_pss_mb", pss / 2**20)
-        self._peak("tree_processes_max", counted)
-        self.samples += 1
+        private = next((reading.private_mb for reading in readings if reading.is_root), 0.0)
         detectors = sum(mb for kind, mb in by_kind.items() if DETECTOR_TITLE in kind)
-        self.timeline.append((private, detectors, pss / 2**20))
+        self.timeline.append((private, detectors, tree_pss))
 
-    def _peak(self, name: str, value: float) -> None:
-        self.peaks[name] = max(self.peaks[name], value)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval_s)
+    def _kind(self, reading: Reading) -> str:
+        if reading.is_root:
+            return "driver"
+        try:  # an actor's title changes while it runs a method; process_kind maps both to one kind
+            return process_kind(reading.process.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return "?"
 
     def result(self) -> dict:
-        peaks = {name: round(value, 1) if isinstance(value, float) else value for name, value in self.peaks.items()}
+        names = {"root_rss_mb": "driver_peak_rss_mb", "root_private_mb": "driver_peak_private_mb",
+                 "tree_rss_mb": "tree_peak_rss_mb", "tree_pss_mb": "tree_peak_pss_mb", "processes": "tree_processes_max"}
+        peaks = {names[name]: round(value, 1) if isinstance(value, float) else value for name, value in self.peaks.items()}
         tenths = [self.timeline[len(self.timeline) * k // 10:len(self.timeline) * (k + 1) // 10] for k in range(10)]
         by_tenth = {name: [round(max(sample[column] for sample in tenth), 1) if tenth else None for tenth in tenths]
                     for column, name in enumerate(("driver_private_mb_by_tenth", "detectors_pss_mb_by_tenth",
@@ -311,7 +283,7 @@ def run_pipeline(photos: Path, output: Path, resolution: int, shard_size: int, n
     process = subprocess.Popen(pipeline_command(photos, output, resolution, shard_size, nodes, quiet=not show_progress),
                                cwd=PROJECT, stdout=subprocess.PIPE, stderr=None if show_progress else subprocess.STDOUT,
                                text=True)
-    with TreeMemory(process.pid, sample_s) as memory:
+    with DetailedTreeMemory(process.pid, sample_s) as memory:
         try:
             log, _ = process.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import psutil
 from PIL import Image
 
+from base.process_memory import TreeMemory
 from data_pipeline.shards import WORK_DIR_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ SMALL, LARGE = 200, 2000
 LONG_SIDE = 128  # the photos' long sides: 64..128 px
 RESOLUTION = 128
 SHARD_SIZE = 10  # blocks of 10 photos: 20 blocks in the smaller run, 200 in the larger
-# How much more private memory (the Python heap: TreeMemory's driver_private_mb)
+# How much more private memory (the Python heap: TreeMemory's root_private_mb)
 # the driver may take at its peak with ten times the photos. What legitimately grows with the
 # photos is their listing, hashes, plan and outcomes, some hundreds of bytes to a few KB per photo:
 # under 10 MB for 1,800 more. What a block's results take until its shard is written depends on
@@ -80,58 +80,14 @@ def command_for(photos: Path, output: Path) -> list[str]:
 
 
 def run_sampled(photos: Path, output: Path) -> dict:
-    """The pipeline on `photos`, its memory sampled as it runs (TreeMemory); the peaks, the
+    """The pipeline on `photos`, its memory sampled every 0.5 s as it runs (TreeMemory); the peaks, the
     manifest and the samples taken."""
     process = subprocess.Popen(command_for(photos, output), cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-    with TreeMemory(process.pid) as memory:
+    with TreeMemory(process.pid, interval_s=0.5) as memory:
         log, _ = process.communicate(timeout=600)
     assert process.returncode == 0, log
     return {**memory.peaks, "samples": memory.samples, "manifest": json.loads((output / "manifest.json").read_text())}
-
-
-class TreeMemory:
-    """Samples a process and its descendants (the local Ray node it starts and the node's workers)
-    every 0.5 s in a thread: the peaks of the process's private memory (resident, less file-backed
-    and shared pages: where the Python heap lives) and of the tree's summed proportional set
-    size, and the most processes seen at once."""
-
-    def __init__(self, pid: int):
-        self.root = psutil.Process(pid)
-        self.peaks = {"driver_private_mb": 0.0, "tree_pss_mb": 0.0, "processes": 0}
-        self.samples = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def __enter__(self) -> TreeMemory:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-
-    def run(self) -> None:
-        while not self.stop.wait(0.5):
-            try:
-                tree = [self.root, *self.root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            pss, counted = 0, 0
-            for process in tree:
-                try:
-                    info = process.memory_full_info()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue  # ended since the listing
-                if process.pid == self.root.pid:
-                    self.peak("driver_private_mb", (info.rss - info.shared) / 2**20)
-                pss, counted = pss + info.pss, counted + 1
-            self.peak("tree_pss_mb", pss / 2**20)
-            self.peak("processes", counted)
-            self.samples += 1
-
-    def peak(self, name: str, value: float) -> None:
-        self.peaks[name] = max(self.peaks[name], value)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +108,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_photos(photos, small_run, 
         assert run["samples"] >= 10, run["samples"]
     figures = json.dumps({"small": {k: v for k, v in small.items() if k != "manifest"},
                           "large": {k: v for k, v in large.items() if k != "manifest"}})
-    assert large["driver_private_mb"] - small["driver_private_mb"] <= DRIVER_GROWTH_MB, figures
+    assert large["root_private_mb"] - small["root_private_mb"] <= DRIVER_GROWTH_MB, figures
     # as many processes (no more workers for more photos), so the trees' sums compare like for like
     assert large["processes"] <= small["processes"], figures
     assert large["tree_pss_mb"] - small["tree_pss_mb"] <= TREE_GROWTH_MB, figures
