@@ -25,8 +25,13 @@ entry points, so it follows the training loop's internals as they change:
   fp32 run stops at the end of its fade-in, and its resume trains the 128x128 phase;
 - resume: `launch.py --resume` of that fp32 run with the full total_kimg (--override-config): it
   must go on from the saved kimg with the next step;
-- step: bench.train_step (in this process, no Ray) at 128 and 256 in fp32, bf16, and bf16 with
-  model.conv_gradfix: the bare step's images/s at the paper's widths and minibatch sizes;
+- step: bench.train_step (in this process, no Ray) at 64, 128 and 256 in fp32, bf16, and bf16
+  with model.conv_gradfix: the bare step's images/s at the paper's widths and minibatch sizes;
+- step_vs_pro_gan: bench.train_step --compare-pro-gan at 32x32, batch 64, paper widths, fp32: our
+  step and pro_gan_pytorch 3.4's alternating in this process (images/s each, `speedup`); the
+  peer comes from --peer-path (default .gpu/peer, which travels with .gpu: pip install --no-deps
+  --target .gpu/peer pro-gan-pth==3.4 tensorboard==2.21.0 absl-py==2.5.1); without it the check
+  says so in its error field;
 - evaluate: `python -m progan.evaluate --json` (SWD) of the last 128x128 run's checkpoint,
   images/s = the real and generated images scored / seconds;
 - mtcnn: the pipeline's face detector (data_pipeline.faces.build_detector, bench/mtcnn.py's
@@ -75,14 +80,15 @@ class Sizes:
     eval_images: int           # SWD images per set
     train_limit_s: float       # per training run, Ray's start included
     bare_steps: dict           # bench.train_step: resolution -> batch (the paper's minibatch there)
+    peer_step: tuple[int, int]  # bench.train_step --compare-pro-gan: (resolution, batch), paper widths
 
 
 GPU_SIZES = Sizes(resolutions=(64, 128), steps=100, batch=32, widths=PAPER_WIDTHS, log_every=20,
                   loader_workers=4, photos=100, mtcnn_1024_photos=32, eval_images=4096, train_limit_s=120,
-                  bare_steps={128: 32, 256: 16})
+                  bare_steps={64: 32, 128: 32, 256: 16}, peer_step=(32, 64))
 QUICK_SIZES = Sizes(resolutions=(8, 16), steps=12, batch=8, widths={"latent_size": 32, "fmap_base": 256, "fmap_max": 32},
                     log_every=3, loader_workers=0, photos=16, mtcnn_1024_photos=4, eval_images=64, train_limit_s=240,
-                    bare_steps={8: 8, 16: 8})
+                    bare_steps={8: 8, 16: 8}, peer_step=(8, 8))
 
 
 class Budget:
@@ -102,6 +108,7 @@ class Context:
     work: Path
     photos: Path
     gpu: bool
+    peer_path: Path
     shards: Path | None = None
     runs: dict = dataclasses.field(default_factory=dict)  # precision -> run folder
 
@@ -318,9 +325,9 @@ def check_resume(ctx: Context) -> dict:
     return result
 
 
-def check_bare_step(ctx: Context, resolution: int, precision: str, gradfix: bool = False) -> dict:
-    """bench.train_step in this process (no Ray, no second CUDA start) at `resolution` with the
-    paper's widths and the paper's minibatch there; its JSON line goes to a log file."""
+def run_train_step(ctx: Context, log_name: str, args: list[str]) -> dict:
+    """bench.train_step in this process (no Ray, no second CUDA start) with `args` after the
+    check's step counts; its JSON line goes to a log file in the work folder."""
     import contextlib
     import io
 
@@ -328,17 +335,38 @@ def check_bare_step(ctx: Context, resolution: int, precision: str, gradfix: bool
 
     if ctx.budget.limit(60) < 10:
         raise CheckFailed("skipped: the time budget is spent")
-    widths = ctx.sizes.widths
-    args = ["--resolution", str(resolution), "--batch", str(ctx.sizes.bare_steps[resolution]),
-            "--steps", "10" if ctx.gpu else "2", "--warmup", "3" if ctx.gpu else "1", "--peak-seconds", "0.05",
-            "--json", "--max-resolution", str(max(ctx.sizes.bare_steps)), "--precision", precision,
-            "--latent-size", str(widths["latent_size"]), "--fmap-base", str(widths["fmap_base"]),
-            "--fmap-max", str(widths["fmap_max"]), *(["--conv-gradfix"] if gradfix else [])]
+    counts = ["--steps", "10" if ctx.gpu else "2", "--warmup", "3" if ctx.gpu else "1", "--peak-seconds", "0.05", "--json"]
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        result = train_step.main(args)
-    (ctx.work / f"step{resolution}-{precision}{'-gradfix' * gradfix}.log").write_text(out.getvalue())
+        result = train_step.main([*counts, *args])
+    (ctx.work / log_name).write_text(out.getvalue())
+    return result
+
+
+def check_bare_step(ctx: Context, resolution: int, precision: str, gradfix: bool = False) -> dict:
+    """The bare step at `resolution` with the run's widths and the paper's minibatch there."""
+    widths = ctx.sizes.widths
+    result = run_train_step(ctx, f"step{resolution}-{precision}{'-gradfix' * gradfix}.log", [
+        "--resolution", str(resolution), "--batch", str(ctx.sizes.bare_steps[resolution]),
+        "--max-resolution", str(max(ctx.sizes.bare_steps)), "--precision", precision,
+        "--latent-size", str(widths["latent_size"]), "--fmap-base", str(widths["fmap_base"]),
+        "--fmap-max", str(widths["fmap_max"]), *(["--conv-gradfix"] if gradfix else [])])
     return {key: result.get(key) for key in ("batch", "device", "img_per_s", "step_s", "fraction_of_peak",
                                              "peak_gflop_per_s")}
+
+
+def check_step_vs_peer(ctx: Context) -> dict:
+    """Our bare step against pro_gan_pytorch 3.4's (bench.train_step --compare-pro-gan: the two
+    alternate step by step in this process) at the paper's widths, fp32."""
+    from bench.train_step import PEER_PIP
+
+    if not (ctx.peer_path / "pro_gan_pytorch").is_dir():
+        raise CheckFailed(f"skipped: no pro_gan_pytorch under {ctx.peer_path}; install it there with: "
+                          f"{PEER_PIP.format(path=ctx.peer_path)}")
+    resolution, batch = ctx.sizes.peer_step
+    result = run_train_step(ctx, f"step{resolution}-vs-pro_gan.log", [
+        "--resolution", str(resolution), "--batch", str(batch), "--compare-pro-gan", "--peer-path", str(ctx.peer_path)])
+    return {key: result.get(key) for key in ("resolution", "batch", "device", "img_per_s", "pro_gan_img_per_s",
+                                             "speedup", "speedup_paired", "pro_gan_version")}
 
 
 def check_evaluate(ctx: Context) -> dict:
@@ -437,7 +465,7 @@ def checks(ctx: Context) -> list[tuple[str, dict, object]]:
         for precision, gradfix in (("fp32", False), ("bf16", False), ("bf16", True)):
             listed.append(("step", {"resolution": resolution, "precision": precision, "conv_gradfix": gradfix},
                            lambda c, r=resolution, p=precision, g=gradfix: check_bare_step(c, r, p, g)))
-    listed += [("evaluate", {}, check_evaluate), ("mtcnn", {}, check_mtcnn)]
+    listed += [("step_vs_pro_gan", {}, check_step_vs_peer), ("evaluate", {}, check_evaluate), ("mtcnn", {}, check_mtcnn)]
     return listed
 
 
@@ -448,6 +476,8 @@ def run_check(ctx: Context, name: str, case: dict, check) -> dict:
         line.update(check(ctx))
     except CheckFailed as exc:
         line.update(exc.partial, error=str(exc))
+    except SystemExit as exc:  # a bench's own one-line refusal, run in this process
+        line["error"] = str(exc.code)[:400]
     except Exception as exc:  # a check's bug or a CUDA error: reported, and the script goes on
         line["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400]
     line["check_seconds"] = round(time.monotonic() - started, 1)
@@ -461,6 +491,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=300.0, help="seconds for the whole script")
     p.add_argument("--photos", default=str(PROJECT / "data" / "demo_faces"), help="a folder of face photos")
     p.add_argument("--workdir", default=None, help="keep shards, runs and logs here (default: a temporary folder)")
+    p.add_argument("--peer-path", default=str(PROJECT / ".gpu" / "peer"),
+                   help="where pro_gan_pytorch 3.4 is installed, for the step_vs_pro_gan check")
     return p.parse_args(argv)
 
 
@@ -474,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-check-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    ctx = Context(QUICK_SIZES if args.quick else GPU_SIZES, Budget(args.budget), work, Path(args.photos).resolve(), gpu)
+    ctx = Context(QUICK_SIZES if args.quick else GPU_SIZES, Budget(args.budget), work, Path(args.photos).resolve(), gpu,
+                  Path(args.peer_path).resolve())
     try:
         lines = [run_check(ctx, name, case, check) for name, case, check in checks(ctx)]
     finally:
