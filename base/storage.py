@@ -253,8 +253,9 @@ def file_sizes(folder: str | os.PathLike) -> dict[str, int]:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return {}
-    return {posixpath.basename(entry["name"].rstrip("/")): int(entry["size"]) for entry in entries
-            if entry["type"] == "file"}
+    # A key ending in "/" is a folder marker (consoles and some servers create them), not a file.
+    return {posixpath.basename(entry["name"]): int(entry["size"]) for entry in entries
+            if entry["type"] == "file" and not entry["name"].endswith("/")}
 
 
 def subfolders(folder: str | os.PathLike) -> list[str]:

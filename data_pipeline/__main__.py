@@ -33,7 +33,7 @@ from data_pipeline.config import IMAGE_FORMATS, PrepareConfig
 from base import storage
 from base.errors import OneLineParser, UserError, run_cli
 from data_pipeline.manifest import check_same_settings, ensure_writable_folder, old_shards_note, read_manifest
-from data_pipeline.shards import check_own_output
+from data_pipeline.shards import check_own_output, check_own_remote_output
 from data_pipeline.sources import check_inputs_exist, inputs_fingerprint, list_sources
 
 PROG = "python -m data_pipeline"
@@ -76,8 +76,11 @@ def run(args: argparse.Namespace) -> int:
         if note := old_shards_note(config.output):
             print(note, file=sys.stderr)
         return 0
-    if not config.overwrite and not storage.is_remote(config.output):
-        check_own_output(Path(config.output))  # before Ray starts: the pipeline writes only among its own files
+    if not config.overwrite:  # before Ray starts: the pipeline writes only among its own files
+        if storage.is_remote(config.output):
+            check_own_remote_output(config.output)
+        else:
+            check_own_output(Path(config.output))
     started = time.monotonic()
     keep_ray_on_loopback(args.address)  # before Ray is first imported, just below
     from data_pipeline.prepare import prepare  # torch and Ray load only once the arguments are good

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import platform
 import shutil
 from collections import Counter, defaultdict
@@ -37,7 +36,7 @@ from data_pipeline.manifest import (
     check_same_settings, count_outcomes, level_format, level_resolutions, read_manifest, shard_files, write_json,
     write_rejects,
 )
-from data_pipeline.shards import Sample, ShardProgress
+from data_pipeline.shards import Sample, ShardProgress, build_folder, listed_shards
 from data_pipeline.sources import Source, content_key, inputs_fingerprint, list_sources, read_bytes, recorded_input
 from monitoring.metrics import PipelineMetrics
 
@@ -105,26 +104,6 @@ def prepare(config: PrepareConfig, sources: list[Source] | None = None, show_pro
 # Object-store outputs: built locally (resumable shard by shard as a local output is), then
 # uploaded: shards, rejects.jsonl, and manifest.json last, so that its presence still means
 # the output is complete.
-
-
-def build_folder(output: str) -> Path:
-    """Where the shards are made: the output itself, or for a URL a local work folder named by
-    it ($DATA_PIPELINE_WORK_DIR, default ~/.cache/progan-data-pipeline), so that a rerun on the
-    same machine resumes there."""
-    if not storage.is_remote(output):
-        return Path(output)
-    root = os.environ.get("DATA_PIPELINE_WORK_DIR") or Path.home() / ".cache" / "progan-data-pipeline"
-    digest = hashlib.sha1(output.rstrip("/").encode()).hexdigest()[:16]
-    return Path(root) / f"{storage.base_name(output)}-{digest}"
-
-
-def listed_shards(output: str) -> set[str]:
-    """The shards a complete output's manifest lists: the only ones there that are ours to drop."""
-    try:
-        previous = read_manifest(output)
-    except UserError:  # a damaged manifest: its shards are not known, so none is dropped
-        previous = None
-    return set(shard_files(previous)) if previous else set()
 
 
 def publish(built: Path, output: str, manifest: dict, earlier: set[str] | None = None) -> dict:

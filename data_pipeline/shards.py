@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -11,8 +12,9 @@ from pathlib import Path
 import webdataset as wds
 
 from base.errors import UserError
-from data_pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, Outcome, level_format, write_json
+from base import storage
 from base.storage import TEMP_SUFFIX, atomic_path
+from data_pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, Outcome, level_format, read_manifest, shard_files, write_json
 
 SHARD_GLOB = "shard-*.tar"
 WORK_DIR_NAME = ".partial"
@@ -145,6 +147,41 @@ def check_own_output(folder: Path) -> None:
         raise UserError(f"--output {folder}: {entry} is not this pipeline's output, and the pipeline writes only "
                         f"into an empty folder or its own earlier output; move it away, give another --output, "
                         f"or pass --overwrite")
+
+
+def build_folder(output: str) -> Path:
+    """Where the shards are made: the output itself, or for a URL a local work folder named by
+    it ($DATA_PIPELINE_WORK_DIR, default ~/.cache/progan-data-pipeline), so that a rerun on the
+    same machine resumes there."""
+    if not storage.is_remote(output):
+        return Path(output)
+    root = os.environ.get("DATA_PIPELINE_WORK_DIR") or Path.home() / ".cache" / "progan-data-pipeline"
+    digest = hashlib.sha1(output.rstrip("/").encode()).hexdigest()[:16]
+    return Path(root) / f"{storage.base_name(output)}-{digest}"
+
+
+def listed_shards(output: str) -> set[str]:
+    """The shards a complete output's manifest lists: the only ones there that are ours to drop."""
+    try:
+        previous = read_manifest(output)
+    except UserError:  # a damaged manifest: its shards are not known, so none is dropped
+        previous = None
+    return set(shard_files(previous)) if previous else set()
+
+
+def check_own_remote_output(output: str) -> None:
+    """check_own_output for an object-store output: UserError naming the first file directly
+    under the prefix that the pipeline did not write. Its own are the files the manifest there
+    lists, and those its local build folder's manifest or plan names (an upload cut short leaves
+    some of them without a manifest). Uploads never write into the prefix's subfolders, so
+    those are not looked at."""
+    listed = listed_shards(output)
+    owned = owned_names(build_folder(output)) | listed | ({MANIFEST_NAME, REJECTS_NAME} if listed else set())
+    for name in sorted(storage.file_sizes(output)):
+        if name not in owned:
+            raise UserError(f"--output {output}: {storage.join(output, name)} is not this pipeline's output, and the "
+                            f"pipeline writes only under an empty prefix or its own earlier output; move it away, "
+                            f"give another --output, or pass --overwrite")
 
 
 def remove_previous_output(folder: Path, overwrite: bool = False) -> None:

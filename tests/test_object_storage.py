@@ -113,6 +113,55 @@ def test_overwrite_on_the_bucket_replaces_the_output_and_drops_extra_shards(s3, 
         "manifest.json", "rejects.jsonl", "shard-mydata.tar"}
 
 
+def pipeline_on(photos, url: str, address: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "data_pipeline", "--input", str(photos), "--output", url,
+                           "--resolution", "16", "--shard-size", "16", "--address", address],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_files_of_the_users_under_the_prefix_stop_the_pipeline_and_stay(s3, s3_shards, cluster):
+    """A prefix holding files the pipeline did not write, a shard-000000.tar among them (a name the
+    pipeline would upload over): one line naming the first, exit 2, nothing written or removed."""
+    photos, _ = s3_shards
+    url = f"s3://{BUCKET}/users-own"
+    fs = s3.filesystem()
+    fs.pipe_file(f"{BUCKET}/users-own/shard-000000.tar", b"the user's own shard")
+    fs.pipe_file(f"{BUCKET}/users-own/notes.txt", b"the user's notes")
+    before = {name: info["ETag"] for name, info in object_names(s3, url).items()}
+    run = pipeline_on(photos, url, cluster.cluster.address)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(
+        f"error: --output {url}: {url}/notes.txt is not this pipeline's output, and the pipeline writes only under "
+        f"an empty prefix or its own earlier output; move it away, give another --output, or pass --overwrite"), run.stderr
+    assert {name: info["ETag"] for name, info in object_names(s3, url).items()} == before
+    assert fs.cat_file(f"{BUCKET}/users-own/shard-000000.tar") == b"the user's own shard"
+
+
+def test_an_upload_cut_short_is_finished_by_the_rerun(s3, s3_shards, cluster):
+    """The shards uploaded before the manifest, then the upload stopped: the local build folder
+    still holds the complete output, so its shards under the prefix are the pipeline's own and
+    the same command uploads the rest (the manifest last)."""
+    from data_pipeline.manifest import read_manifest, shard_files
+    from data_pipeline.shards import build_folder
+
+    photos, done = s3_shards
+    url = f"s3://{BUCKET}/cut-short"
+    fs = s3.filesystem()
+    manifest = read_manifest(done)
+    build = build_folder(url)
+    build.mkdir(parents=True)
+    for name in [*shard_files(manifest), "rejects.jsonl", "manifest.json"]:
+        fs.get_file(f"{done.split('://', 1)[1]}/{name}", str(build / name))  # the complete local build
+    first = shard_files(manifest)[0]
+    fs.copy(f"{done.split('://', 1)[1]}/{first}", f"{BUCKET}/cut-short/{first}")  # what got up before the stop
+    run = pipeline_on(photos, url, cluster.cluster.address)
+    assert run.returncode == 0, run.stderr
+    assert read_manifest(url) == manifest
+    assert set(object_names(s3, url)) == set(shard_files(manifest)) | {"manifest.json", "rejects.jsonl"}
+    assert not build.exists()
+
+
 def test_wrong_credentials_stop_the_pipeline_in_one_line_without_the_secret(s3, s3_shards):
     photos, _ = s3_shards
     env = s3.environ({**os.environ})
