@@ -287,7 +287,7 @@ def test_nan_between_stats_lines_is_caught_before_the_next_checkpoint(cluster, s
     assert result.metrics["images_seen"] == 224
 
 
-def test_a_fixed_size_the_cluster_cannot_give_ends_after_the_start_timeout(cluster, tmp_path):
+def test_a_fixed_size_the_cluster_cannot_give_ends_after_the_start_timeout(cluster, tmp_path, capsys):
     """Issue 25: three workers with a training slot each on two nodes (as on a cluster started
     elsewhere, which launch.py cannot check beforehand) retried without end ("max allowed: inf");
     the run now ends after one worker start time-out, in one line."""
@@ -305,3 +305,24 @@ def test_a_fixed_size_the_cluster_cannot_give_ends_after_the_start_timeout(clust
     assert message.endswith("add nodes, or pass fewer --min-nodes/--workers"), message
     assert time.monotonic() - started < 120
     assert not list((tmp_path / "fixed").glob("checkpoint_*"))
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[launch] waiting for the cluster")]
+    assert said == ["[launch] waiting for the cluster: its 2 nodes hold 2 of the 3 training workers the run needs at least "
+                    f"(each takes 1 CPU, 1 {TRAIN_SLOT}); the run ends if they do not start within "
+                    "cluster.worker_start_timeout_s=5 s"], said
+
+
+def test_the_capacity_note_counts_workers_per_node_and_says_what_the_run_does():
+    """Said before training when the nodes cannot hold the fewest workers: an elastic run waits
+    (Ray Train says nothing meanwhile), a fixed size ends after the start time-out."""
+    from progan.training.fit import capacity_note, workers_that_fit
+
+    gpu_worker = {"CPU": 1, "GPU": 1}
+    nodes = [{"CPU": 16.0, "GPU": 2.0}, {"CPU": 1.0, "GPU": 4.0}, {"CPU": 8.0}]  # the last has no GPU
+    assert workers_that_fit(nodes, gpu_worker) == 3  # 2 + 1 (one CPU) + 0
+    assert workers_that_fit(nodes, {"CPU": 2}) == 8 + 0 + 4
+    elastic = run_plan.RunPlan(tiny_config("cluster.min_workers=4", "cluster.workers=8"), Path("run"), "shards", True)
+    assert capacity_note(elastic, nodes, gpu_worker) == (
+        "waiting for the cluster: its 3 nodes hold 3 of the 4 training workers the run needs at least (each takes "
+        "1 CPU, 1 GPU); the run waits until nodes join (an autoscaler's, or `ray start --address ...`); Ctrl-C stops it")
+    enough = run_plan.RunPlan(tiny_config("cluster.min_workers=3", "cluster.workers=8"), Path("run"), "shards", True)
+    assert capacity_note(enough, nodes, gpu_worker) is None  # it starts with 3 and grows when nodes join

@@ -24,6 +24,8 @@ def fit_run(plan: RunPlan, shards: Path | str, train_slot: str | None) -> dict:
 
     trainer = build_trainer(plan.cfg, plan.run_dir, shards, plan.workers, train_slot=train_slot)
     print(f"[launch] training: up to {plan.workers} workers", flush=True)
+    if note := capacity_note(plan, alive_node_resources(), trainer.scaling_config.resources_per_worker):
+        print(f"[launch] {note}", flush=True)
     try:
         return dict(fit_in_thread(trainer).metrics or {})
     except ControllerError as exc:  # a fixed size the cluster did not give (build_trainer: not retried)
@@ -32,6 +34,35 @@ def fit_run(plan: RunPlan, shards: Path | str, train_slot: str | None) -> dict:
         raise UserError(f"the cluster did not start {c.min_workers} training workers within "
                         f"cluster.worker_start_timeout_s={c.worker_start_timeout_s:g} s ({reason[:200]}); "
                         f"add nodes, or pass fewer --min-nodes/--workers") from None
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    """Each alive node's total resources, as Ray knows them now."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def workers_that_fit(nodes: list[dict[str, float]], per_worker: dict[str, float]) -> int:
+    """How many workers, each taking `per_worker`, the nodes' totals hold (a worker on one node)."""
+    needs = {name: need for name, need in per_worker.items() if need > 0}
+    return sum(min(int(node.get(name, 0.0) // need) for name, need in needs.items()) for node in nodes) if needs else 0
+
+
+def capacity_note(plan: RunPlan, nodes: list[dict[str, float]], per_worker: dict[str, float]) -> str | None:
+    """One line when the cluster's nodes cannot hold the run's fewest workers yet (a cluster
+    started elsewhere, launch.py --address): what is missing, and what the run does meanwhile
+    (Ray Train waits for nodes; nothing else would say so). None when they fit."""
+    c = plan.cfg.cluster
+    fits = workers_that_fit(nodes, per_worker)
+    if fits >= c.min_workers:
+        return None
+    each = ", ".join(f"{need:g} {name}" for name, need in sorted(per_worker.items()) if need > 0)
+    then = (f"the run ends if they do not start within cluster.worker_start_timeout_s={c.worker_start_timeout_s:g} s"
+            if c.min_workers >= plan.workers else
+            "the run waits until nodes join (an autoscaler's, or `ray start --address ...`); Ctrl-C stops it")
+    return (f"waiting for the cluster: its {len(nodes)} node{'s' * (len(nodes) != 1)} hold {fits} of the "
+            f"{c.min_workers} training workers the run needs at least (each takes {each}); {then}")
 
 
 def fit_in_thread(trainer):
