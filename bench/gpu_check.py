@@ -2,18 +2,25 @@
 
     python -m bench.gpu_check [--quick] [--budget 570] [--photos data/demo_faces] [--workdir DIR]
 
-Made to run in one go on a machine with one NVIDIA GPU (default budget 300 s);
-`--quick` runs the same checks at tiny sizes on a CPU machine (most of its time goes to starting
-Ray four times), so the script is known to work before a GPU ever runs it. Everything goes through the project's public
-entry points, so it follows the training loop's internals as they change:
+Made to run in one go on a machine with one NVIDIA GPU (default budget 300 s); `--quick` runs the
+same checks at tiny sizes on a CPU machine (most of its time goes to starting Ray four times), so
+the script is known to work before a GPU ever runs it. Everything goes through the project's
+public entry points, so it follows the training loop's internals as they change. The checks, in
+their order (what the budget must never cut comes first):
 - environment: torch, CUDA, NCCL and Ray versions, the GPU's name, bf16 support;
 - mtcnn_1024: bench.mtcnn (in this process) on `mtcnn_1024_photos` photos scaled to a long side
   of 1024 px, the most the pipeline's detector sees: that detector on one CPU thread (as each of
-  the pipeline's CPU actors runs it) and on the GPU, in the same turns, faces/s each (run
-  second, so that the budget never cuts it). gpu_vs_all_cpus = the GPU's faces/s / (one
-  thread's x the cores): above 1, one GPU detector outruns a single-threaded one on every core
-  (assuming the CPU figure scales with the cores), which is what
-  data_pipeline.prepare.detector_resources chooses between;
+  the pipeline's CPU actors runs it) and on the GPU, in the same turns, faces/s each.
+  gpu_vs_all_cpus = the GPU's faces/s / (one thread's x the cores): above 1, one GPU detector
+  outruns a single-threaded one on every core (assuming the CPU figure scales with the cores),
+  which is what data_pipeline.prepare.detector_resources chooses between;
+- step: bench.train_step (in this process, no Ray) at 64, 128 and 256 in fp32, bf16, and bf16
+  with model.conv_gradfix: the bare step's images/s at the paper's widths and minibatch sizes;
+- step_vs_pro_gan: bench.train_step --compare-pro-gan at 32x32, batch 64, paper widths, fp32: our
+  step and pro_gan_pytorch 3.4's alternating in this process (images/s each, `speedup`); the
+  peer comes from --peer-path (default .gpu/peer, which travels with .gpu: pip install --no-deps
+  --target .gpu/peer pro-gan-pth==3.4 tensorboard==2.21.0 absl-py==2.5.1); without it the check
+  says so in its error field;
 - shards: `python -m data_pipeline` on the photos (face shards at the largest resolution);
 - train: `launch.py --nodes 1` (Ray Train, one GPU worker, NCCL for CUDA tensors) from a config
   written to the work folder, at the paper's widths (fmap_base 8192, fmap_max 512, latent 512):
@@ -25,13 +32,6 @@ entry points, so it follows the training loop's internals as they change:
   fp32 run stops at the end of its fade-in, and its resume trains the 128x128 phase;
 - resume: `launch.py --resume` of that fp32 run with the full total_kimg (--override-config): it
   must go on from the saved kimg with the next step;
-- step: bench.train_step (in this process, no Ray) at 64, 128 and 256 in fp32, bf16, and bf16
-  with model.conv_gradfix: the bare step's images/s at the paper's widths and minibatch sizes;
-- step_vs_pro_gan: bench.train_step --compare-pro-gan at 32x32, batch 64, paper widths, fp32: our
-  step and pro_gan_pytorch 3.4's alternating in this process (images/s each, `speedup`); the
-  peer comes from --peer-path (default .gpu/peer, which travels with .gpu: pip install --no-deps
-  --target .gpu/peer pro-gan-pth==3.4 tensorboard==2.21.0 absl-py==2.5.1); without it the check
-  says so in its error field;
 - evaluate: `python -m progan.evaluate --json` (SWD) of the last 128x128 run's checkpoint,
   images/s = the real and generated images scored / seconds;
 - mtcnn: the pipeline's face detector (data_pipeline.faces.build_detector, bench/mtcnn.py's
@@ -339,6 +339,10 @@ def run_train_step(ctx: Context, log_name: str, args: list[str]) -> dict:
     with contextlib.redirect_stdout(io.StringIO()) as out:
         result = train_step.main([*counts, *args])
     (ctx.work / log_name).write_text(out.getvalue())
+    if ctx.gpu:  # the training runs that follow are other processes on the same GPU
+        import torch
+
+        torch.cuda.empty_cache()
     return result
 
 
@@ -457,15 +461,19 @@ def check_mtcnn_1024(ctx: Context) -> dict:
 # ---------------------------------------------------------------- the script
 
 def checks(ctx: Context) -> list[tuple[str, dict, object]]:
-    """(name, fields that name the case, the check), in order: later checks use earlier results."""
-    listed = [("environment", {}, check_environment), ("mtcnn_1024", {}, check_mtcnn_1024), ("shards", {}, check_shards),
-              ("train", {"precision": "fp32"}, lambda c: check_train(c, "fp32")), ("resume", {}, check_resume),
-              ("train", {"precision": "bf16"}, lambda c: check_train(c, "bf16"))]
+    """(name, fields that name the case, the check), in order: later checks use earlier results.
+    What the budget must never cut comes first: MTCNN at 1024 px, then the bare steps and the
+    comparison with pro_gan_pytorch (the figures issue 23's goals are stated in, in this process,
+    before any Ray start); then the Ray runs, the resume, the evaluation and MTCNN."""
+    listed = [("environment", {}, check_environment), ("mtcnn_1024", {}, check_mtcnn_1024)]
     for resolution in ctx.sizes.bare_steps:
         for precision, gradfix in (("fp32", False), ("bf16", False), ("bf16", True)):
             listed.append(("step", {"resolution": resolution, "precision": precision, "conv_gradfix": gradfix},
                            lambda c, r=resolution, p=precision, g=gradfix: check_bare_step(c, r, p, g)))
-    listed += [("step_vs_pro_gan", {}, check_step_vs_peer), ("evaluate", {}, check_evaluate), ("mtcnn", {}, check_mtcnn)]
+    listed += [("step_vs_pro_gan", {}, check_step_vs_peer), ("shards", {}, check_shards),
+               ("train", {"precision": "fp32"}, lambda c: check_train(c, "fp32")), ("resume", {}, check_resume),
+               ("train", {"precision": "bf16"}, lambda c: check_train(c, "bf16")),
+               ("evaluate", {}, check_evaluate), ("mtcnn", {}, check_mtcnn)]
     return listed
 
 
