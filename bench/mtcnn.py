@@ -1,7 +1,7 @@
 """Face detection speed: what each of the pipeline's changes to a plain MTCNN loop gives. One JSON line.
 
     python -m bench.mtcnn --input DIR --json [--limit N] [--rounds 3] [--threads 1] [--long-side 1024]
-        [--variants plain,pipeline,...] [--devices cpu,cuda]
+        [--variants plain,pipeline,...] [--batch-pixels N,...] [--devices cpu,cuda]
 
 Every variant sees the same photos, decoded as the pipeline decodes them (EXIF, RGB, longer side
 <= 1024), in this one process, with the same torch thread count (default 1: the pipeline runs
@@ -11,16 +11,22 @@ side of L px (up or down; Lanczos): `--long-side 1024` is what the detector sees
 from the one before:
 - plain: facenet-pytorch's MTCNN(keep_all=True) at its defaults, detect() one photo at a time;
 - batched: the same detector, one batched detect() per group of equal-size photos in work units
-  of DETECT_BATCH (data_pipeline.faces.detect_in_size_groups);
+  of DETECT_BATCH (data_pipeline.faces.detect_in_size_groups, groups cut only at
+  MAX_BATCH_PIXELS, as on a GPU);
 - batched_channels_last: its three networks' weights (and so their activations) channels-last;
 - pipeline: also the coarser image pyramid (factor 0.6 instead of 0.709) and the pipeline's
-  thresholds and minimum face size: data_pipeline.faces.build_detector, what the FaceDetector
-  actor runs;
+  thresholds and minimum face size (data_pipeline.faces.build_detector), and its groups cut at
+  CPU_BATCH_PIXELS: what the FaceDetector actor runs on a CPU;
 - pipeline_unbatched: the pipeline's detector, one photo at a time (what batching adds to it);
 - pipeline_cuda: the pipeline's detector on the GPU (build_detector(settings, "cuda"), what a
-  FaceDetector actor runs where the cluster has GPUs), timed in the same turns as the CPU ones.
---variants picks some of them (default: all the CPU ones); --devices cpu,cuda adds
-pipeline_cuda to them (default: cuda too where torch sees a GPU; `--devices cpu` leaves it out).
+  FaceDetector actor runs where the cluster has GPUs: groups cut only at MAX_BATCH_PIXELS),
+  timed in the same turns as the CPU ones;
+- pipeline_px<N>: the pipeline's CPU detector with its groups cut at N pixels per detect() call
+  instead of CPU_BATCH_PIXELS (--batch-pixels N,...: how the cap was chosen; 1 is one photo at a
+  time, 16000000 the groups a GPU gets).
+--variants picks some of them (default: all the CPU ones); --batch-pixels adds pipeline_px<N> for
+each N; --devices cpu,cuda adds pipeline_cuda (default: cuda too where torch sees a GPU;
+`--devices cpu` leaves it out).
 All are warmed up first (oneDNN builds its kernels per input shape), then timed one work unit of
 photos at a time, variant after variant, each going first in turn, so that load from other jobs
 and the cost of first touching a unit's photos hit all alike; a round
@@ -48,8 +54,8 @@ from PIL import Image
 
 from bench.common import emit
 from data_pipeline.faces import (
-    DETECT_BATCH, Detection, FaceSettings, Rejected, as_detection, build_detector, decode_photo, detect_in_size_groups,
-    pick_face,
+    CPU_BATCH_PIXELS, DETECT_BATCH, MAX_BATCH_PIXELS, Detection, FaceSettings, Rejected, as_detection, build_detector,
+    decode_photo, detect_in_size_groups, pick_face,
 )
 from data_pipeline.sources import list_sources, read_bytes
 
@@ -68,11 +74,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="scale every photo to a longer side of L px (0: as decoded)")
     parser.add_argument("--variants", default=",".join(CPU_VARIANTS),
                         help=f"comma-separated, of {', '.join(CPU_VARIANTS)}")
+    parser.add_argument("--batch-pixels", default="", metavar="N,...",
+                        help="also the pipeline's CPU detector with groups cut at N pixels per detect() call")
     parser.add_argument("--devices", default="", help="cpu,cuda times pipeline_cuda too (default: where CUDA is)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
     args.variants = [name for name in args.variants.split(",") if name]
     unknown = sorted(set(args.variants) - set(CPU_VARIANTS))
+    try:
+        args.batch_pixels = [int(n) for n in args.batch_pixels.split(",") if n]
+    except ValueError:
+        parser.error("--batch-pixels: comma-separated whole numbers of pixels")
+    if any(n < 1 for n in args.batch_pixels):
+        parser.error("--batch-pixels: each at least 1")
     devices = set(args.devices.split(",")) - {""} if args.devices else {"cpu", "cuda"} if torch.cuda.is_available() else {"cpu"}
     if unknown or not args.variants or not devices <= {"cpu", "cuda"} or args.long_side < 0:
         parser.error(f"--variants: of {', '.join(CPU_VARIANTS)}; --devices: cpu and/or cuda; --long-side >= 0")
@@ -110,18 +124,26 @@ def channels_last(mtcnn: MTCNN) -> MTCNN:
     return mtcnn
 
 
-def variants(settings: FaceSettings, names: list[str] | tuple[str, ...] = CPU_VARIANTS, cuda: bool = False) -> dict:
-    """name -> (detector, how it is called on one work unit of photos), for `names` and, with
-    `cuda`, pipeline_cuda."""
+def groups_of(max_pixels: int):
+    """detect_in_size_groups with its groups cut at `max_pixels` whatever the device."""
+    return lambda mtcnn, images: detect_in_size_groups(mtcnn, images, max_pixels)
+
+
+def variants(settings: FaceSettings, names: list[str] | tuple[str, ...] = CPU_VARIANTS, cuda: bool = False,
+             batch_pixels: list[int] | tuple[int, ...] = ()) -> dict:
+    """name -> (detector, how it is called on one work unit of photos), for `names`, then
+    pipeline_px<N> for each N of `batch_pixels` and, with `cuda`, pipeline_cuda."""
     makers = {
         "plain": lambda: (MTCNN(keep_all=True), one_at_a_time),
-        "batched": lambda: (MTCNN(keep_all=True), detect_in_size_groups),
-        "batched_channels_last": lambda: (channels_last(MTCNN(keep_all=True)), detect_in_size_groups),
+        "batched": lambda: (MTCNN(keep_all=True), groups_of(MAX_BATCH_PIXELS)),
+        "batched_channels_last": lambda: (channels_last(MTCNN(keep_all=True)), groups_of(MAX_BATCH_PIXELS)),
         "pipeline": lambda: (build_detector(settings), detect_in_size_groups),
         "pipeline_unbatched": lambda: (build_detector(settings), one_at_a_time),
         "pipeline_cuda": lambda: (build_detector(settings, "cuda"), detect_in_size_groups),
     }
-    return {name: makers[name]() for name in [*names, *(["pipeline_cuda"] if cuda else [])]}
+    makers.update({f"pipeline_px{n}": lambda n=n: (build_detector(settings), groups_of(n)) for n in batch_pixels})
+    chosen = [*names, *(f"pipeline_px{n}" for n in batch_pixels), *(["pipeline_cuda"] if cuda else [])]
+    return {name: makers[name]() for name in dict.fromkeys(chosen)}
 
 
 def time_interleaved(detectors: dict, images: list, rounds: int) -> tuple[dict, dict]:
@@ -170,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     images = load_photos(args.input, args.limit, settings.max_side, args.long_side)
     if not images:
         sys.exit(f"no readable photos in {args.input}")
-    detectors = variants(settings, args.variants, args.cuda)
+    detectors = variants(settings, args.variants, args.cuda, args.batch_pixels)
     time_interleaved(detectors, images[:WARMUP_PHOTOS], rounds=1)
     times, found = time_interleaved(detectors, images, args.rounds)
     boxes = {name: chosen_boxes(detections, args.min_prob) for name, detections in found.items()}
@@ -178,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     reference = "plain" if "plain" in detectors else next(iter(detectors))
     result = {"bench": "mtcnn", "input": args.input, "photos": len(images),
               "sizes": len({image.size for image in images}), "long_side": args.long_side or None,
-              "threads": args.threads, "batch": DETECT_BATCH, "pyramid_factor": settings.pyramid_factor,
+              "threads": args.threads, "batch": DETECT_BATCH, "cpu_batch_pixels": CPU_BATCH_PIXELS,
+              "pyramid_factor": settings.pyramid_factor,
               "rounds": args.rounds, "reference": reference}
     if args.cuda:
         result["gpu"] = torch.cuda.get_device_name(0)

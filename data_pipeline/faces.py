@@ -1,7 +1,8 @@
 """Photo bytes -> the best face as a square crop.
 
 decode (EXIF orientation, any mode -> RGB, bounded size) -> MTCNN detection, one batched call per
-group of equal-size images -> most confident face -> square crop with margin -> resize -> encode.
+group of equal-size images (on a CPU, only as many as CPU_BATCH_PIXELS allows) -> most confident
+face -> square crop with margin -> resize -> encode.
 `FaceDetector` wraps it as a Ray Data actor; bench/mtcnn.py times the same `detect_in_size_groups`.
 """
 from __future__ import annotations
@@ -26,6 +27,11 @@ DETECT_BATCH = 16
 # Cap on the pixels of one detect() call: MTCNN's first stage holds the whole image pyramid of
 # the batch in memory at once.
 MAX_BATCH_PIXELS = 16_000_000
+# The lower cap of a detector on the CPU (batch_pixels). There batching equal-size photos pays
+# only while a call's pixels are few: past about this many, more photos per call ran slower per
+# photo, and photos of half a megapixel or more fastest one at a time. A GPU detector wants large
+# batches and keeps MAX_BATCH_PIXELS alone. bench/mtcnn.py --batch-pixels measures the choice.
+CPU_BATCH_PIXELS = 500_000
 TIE = 0.001  # face probabilities closer than this count as equal
 LANCZOS = Image.Resampling.LANCZOS
 EXIF_ORIENTATION = 0x0112
@@ -192,27 +198,36 @@ def build_detector(settings: FaceSettings, device: str = "cpu") -> MTCNN:
     return mtcnn.eval()
 
 
-def detect_in_size_groups(mtcnn: MTCNN, images: list[Image.Image]) -> list[Detection]:
+def batch_pixels(device: torch.device | str) -> int:
+    """The most pixels one detect() call gets on a detector on `device` (one image always goes)."""
+    return MAX_BATCH_PIXELS if torch.device(device).type == "cuda" else CPU_BATCH_PIXELS
+
+
+def detect_in_size_groups(mtcnn: MTCNN, images: list[Image.Image], max_pixels: int | None = None) -> list[Detection]:
     """Detections for each image, from one batched detect() per group of equal-size images
-    (MTCNN batches only images of one size)."""
+    (MTCNN batches only images of one size), each group cut to `max_pixels` (default: what the
+    detector's device wants, batch_pixels). The groups depend only on the images, their order and
+    the device, so a work unit's floating-point results are the same on every run."""
     detections = [Detection() for _ in images]
-    for indices in size_groups(images, mtcnn.min_face_size):
+    max_pixels = max_pixels or batch_pixels(mtcnn.device)
+    for indices in size_groups(images, mtcnn.min_face_size, max_pixels):
         batch = [images[index] for index in indices]
         for index, detection in zip(indices, detect_batch(mtcnn, batch)):
             detections[index] = detection
     return detections
 
 
-def size_groups(images: list[Image.Image], min_side: int) -> list[list[int]]:
-    """Indices grouped by image size, each group cut to MAX_BATCH_PIXELS. Images smaller than the
-    smallest face the detector looks for are left out (MTCNN fails on them; they have no face)."""
+def size_groups(images: list[Image.Image], min_side: int, max_pixels: int = MAX_BATCH_PIXELS) -> list[list[int]]:
+    """Indices grouped by image size in order of first appearance, each group cut into runs of at
+    most `max_pixels` pixels (at least one image each). Images smaller than the smallest face the
+    detector looks for are left out (MTCNN fails on them; they have no face)."""
     by_size: dict[tuple[int, int], list[int]] = {}
     for index, image in enumerate(images):
         if min(image.size) >= min_side:
             by_size.setdefault(image.size, []).append(index)
     groups = []
     for (width, height), indices in by_size.items():
-        step = max(1, MAX_BATCH_PIXELS // (width * height))
+        step = max(1, max_pixels // (width * height))
         groups.extend(indices[start:start + step] for start in range(0, len(indices), step))
     return groups
 

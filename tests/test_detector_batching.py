@@ -1,0 +1,62 @@
+"""How the face detector groups a work unit's photos into detect() calls. Pure functions and
+stand-ins: no Ray, no MTCNN weights."""
+from __future__ import annotations
+
+from PIL import Image
+
+from data_pipeline.faces import (
+    CPU_BATCH_PIXELS, DETECT_BATCH, MAX_BATCH_PIXELS, batch_pixels, detect_in_size_groups, size_groups,
+)
+
+
+def images(*sizes: tuple[int, int]) -> list[Image.Image]:
+    return [Image.new("RGB", size) for size in sizes]
+
+
+class RecordingDetector:
+    """Stands in for MTCNN: records the sizes of the batches detect() gets, finds nothing."""
+
+    def __init__(self, device: str):
+        self.device, self.min_face_size, self.batches = device, 20, []
+
+    def detect(self, batch, landmarks=True):
+        self.batches.append([image.size for image in batch])
+        return [None] * len(batch), [None] * len(batch), [None] * len(batch)
+
+
+def test_the_cap_bounds_the_pixels_of_each_call_and_keeps_the_units_order():
+    small, large = (100, 100), (300, 300)  # 10,000 and 90,000 pixels
+    unit = images(small, large, small, large, small, large, small)
+    assert size_groups(unit, 20) == [[0, 2, 4, 6], [1, 3, 5]]  # MAX_BATCH_PIXELS: by size alone
+    assert size_groups(unit, 20, 200_000) == [[0, 2, 4, 6], [1, 3], [5]]
+    assert size_groups(unit, 20, 30_000) == [[0, 2, 4], [6], [1], [3], [5]]
+    assert size_groups(unit, 20, 1) == [[0], [2], [4], [6], [1], [3], [5]]  # each alone, never none
+    assert size_groups(images((10, 300), small), 20, 1) == [[1]]  # below the smallest face: left out
+
+
+def test_grouping_depends_only_on_the_images_and_the_device():
+    unit = images(*[(418, 512)] * 5, *[(209, 256)] * DETECT_BATCH, (836, 1024), (418, 512))
+    for device in ("cpu", "cuda"):
+        first, second = RecordingDetector(device), RecordingDetector(device)
+        detect_in_size_groups(first, unit)
+        detect_in_size_groups(second, list(unit))
+        assert first.batches == second.batches
+        assert sorted(size for batch in first.batches for size in batch) == sorted(image.size for image in unit)
+
+
+def test_a_cpu_detector_gets_batches_under_its_cap_and_a_gpu_one_whole_size_groups():
+    assert batch_pixels("cpu") == CPU_BATCH_PIXELS < MAX_BATCH_PIXELS
+    assert batch_pixels("cuda") == batch_pixels("cuda:1") == MAX_BATCH_PIXELS
+    sizes = [(178, 218), (209, 256), (418, 512), (836, 1024)]
+    unit = images(*[size for size in sizes for _ in range(DETECT_BATCH)])
+    cpu, gpu = RecordingDetector("cpu"), RecordingDetector("cuda")
+    detect_in_size_groups(cpu, unit)
+    detect_in_size_groups(gpu, unit)
+    assert [len(batch) for batch in gpu.batches] == [DETECT_BATCH] * len(sizes)
+    expected = []
+    for width, height in sizes:  # as many as the cap allows (at least one), the rest in the last
+        step = max(1, CPU_BATCH_PIXELS // (width * height))
+        expected += [min(step, DETECT_BATCH - start) for start in range(0, DETECT_BATCH, step)]
+    assert [len(batch) for batch in cpu.batches] == expected
+    assert all(len(batch) == 1 or len(batch) * batch[0][0] * batch[0][1] <= CPU_BATCH_PIXELS for batch in cpu.batches)
+    assert [size for batch in cpu.batches for size in batch] == [image.size for image in unit]
