@@ -1,10 +1,14 @@
-"""Where the preparation runs: local nodes on this machine, or a running cluster."""
+"""Where the preparation runs: local nodes on this machine, or a running cluster; and handing the
+C heap's freed memory back from its long-lived workers."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from cluster.local import ray_cluster
 
@@ -30,3 +34,29 @@ def quiet_ray_data() -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def release_freed_memory() -> bool:
+    """Hand the free memory the C heap keeps back to the system (glibc's malloc_trim(0)); False,
+    doing nothing, where the C library has no malloc_trim (musl, macOS, Windows).
+
+    glibc keeps the memory that large temporary arrays (torch tensors, decoded images) are freed
+    from, for the next allocations; a long-lived worker that makes many of differing sizes grows
+    by that until the heap is trimmed. A trim costs more than the call: what it hands back is
+    faulted in again by the next allocations that need it."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)  # 1 if it gave memory back, 0 if there was none to give
+    return True
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim

@@ -1,12 +1,20 @@
-"""How the face detector groups a work unit's photos into detect() calls. Pure functions and
-stand-ins: no Ray, no MTCNN weights."""
+"""How the face detector groups a work unit's photos into detect() calls, and that the detector
+actor trims the C heap after each unit. Pure functions and stand-ins: no Ray, no MTCNN weights."""
 from __future__ import annotations
 
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
 from PIL import Image
 
+from data_pipeline import faces, runtime
 from data_pipeline.faces import (
-    CPU_BATCH_PIXELS, DETECT_BATCH, MAX_BATCH_PIXELS, batch_pixels, detect_in_size_groups, size_groups,
+    CPU_BATCH_PIXELS, DETECT_BATCH, MAX_BATCH_PIXELS, FaceDetector, PhotoResult, batch_pixels, detect_in_size_groups,
+    size_groups,
 )
+from data_pipeline.manifest import KEPT
 
 
 def images(*sizes: tuple[int, int]) -> list[Image.Image]:
@@ -60,3 +68,35 @@ def test_a_cpu_detector_gets_batches_under_its_cap_and_a_gpu_one_whole_size_grou
     assert [len(batch) for batch in cpu.batches] == expected
     assert all(len(batch) == 1 or len(batch) * batch[0][0] * batch[0][1] <= CPU_BATCH_PIXELS for batch in cpu.batches)
     assert [size for batch in cpu.batches for size in batch] == [image.size for image in unit]
+
+
+def test_the_actor_trims_its_heap_after_each_unit(monkeypatch):
+    trims, processed = [], []
+
+    def process_sources(mtcnn, sources, settings):
+        processed.append(list(sources))
+        return [PhotoResult(name, f"key-{name}", KEPT) for name in sources]
+
+    monkeypatch.setattr(faces, "process_sources", process_sources)
+    actor = object.__new__(FaceDetector)  # without its MTCNN and metrics
+    monkeypatch.setattr(faces, "release_freed_memory", lambda: trims.append(len(processed)) or True)
+    actor.mtcnn, actor.settings = None, faces.FaceSettings()
+    actor.metrics = SimpleNamespace(count=lambda status: None)
+    batch = {"shard": np.array([3, 4]), "sources": np.array([["a.jpg", "b.jpg"], ["c.jpg", "d.jpg"]], dtype=object)}
+    out = actor(batch)
+    assert out["source"] == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"] and out["shard"] == [3, 3, 4, 4]
+    assert trims == [1, 2]  # after each unit
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_freed_memory_trims_where_libc_has_malloc_trim_and_is_a_no_op_elsewhere(monkeypatch):
+    import platform
+
+    if platform.libc_ver()[0] == "glibc":
+        assert runtime.release_freed_memory() is True
+    runtime._malloc_trim.cache_clear()
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: SimpleNamespace())  # a libc without it
+    try:
+        assert runtime.release_freed_memory() is False
+    finally:
+        runtime._malloc_trim.cache_clear()
