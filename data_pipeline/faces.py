@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_pipeline.levels import encoded_levels
 from data_pipeline.manifest import BELOW_THRESHOLD, KEPT, NO_FACE, NOT_AN_IMAGE, UNREADABLE
-from data_pipeline.runtime import release_freed_memory
+from data_pipeline.runtime import HeapTrimmer
 from data_pipeline.sources import Source, content_key, read_bytes
 from monitoring.metrics import PipelineMetrics
 
@@ -33,6 +33,10 @@ MAX_BATCH_PIXELS = 16_000_000
 # photo, and photos of half a megapixel or more fastest one at a time. A GPU detector wants large
 # batches and keeps MAX_BATCH_PIXELS alone. bench/mtcnn.py --batch-pixels measures the choice.
 CPU_BATCH_PIXELS = 500_000
+# How far a detector actor's resident memory may grow past its size after the last trim of its C
+# heap before it trims again (FaceDetector). Untrimmed, the freed memory glibc keeps after units
+# of large photos is about this much within a few units, and then grows slowly for the whole run.
+TRIM_SLACK_BYTES = 512 * 2**20
 TIE = 0.001  # face probabilities closer than this count as equal
 LANCZOS = Image.Resampling.LANCZOS
 EXIF_ORIENTATION = 0x0112
@@ -380,11 +384,10 @@ class FaceDetector:
     one photo's result. Units are fixed by the driver, so the images that share a detect() call,
     and with them the floating-point results, are the same on every run.
 
-    After each unit the actor hands the memory its C heap keeps from the unit's freed tensors
-    back to the system (release_freed_memory): without it a detector grows through a long run.
-    Trimming less often bounds nothing: a heap trimmed every 16 units was back at the untrimmed
-    size within a few units. The cost, the call and the next unit faulting its pages in again, is
-    a few percent of a unit's time (the README's Benchmarks).
+    After a unit that leaves the actor more than TRIM_SLACK_BYTES above its size after the last
+    trim, it hands the memory its C heap keeps from freed tensors back to the system
+    (data_pipeline.runtime.HeapTrimmer): without it a detector grows through a long run. Not after
+    every unit: each trim costs the next unit its page faults (the README's Benchmarks).
     """
 
     def __init__(self, settings: FaceSettings, run: str):
@@ -392,6 +395,7 @@ class FaceDetector:
         self.metrics = PipelineMetrics.shared(run)  # results by outcome, for Prometheus
         # Ray sets OMP_NUM_THREADS to the actor's CPUs, which torch follows for its threads.
         self.mtcnn = build_detector(settings, "cuda" if torch.cuda.is_available() else "cpu")
+        self.trimmer = HeapTrimmer(TRIM_SLACK_BYTES)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = []
@@ -399,5 +403,5 @@ class FaceDetector:
             for result in process_sources(self.mtcnn, list(sources), self.settings):
                 rows.append({"shard": int(shard), **asdict(result)})
                 self.metrics.count(result.status)
-            release_freed_memory()
+            self.trimmer.check()
         return {column: [row[column] for row in rows] for column in RESULT_COLUMNS}

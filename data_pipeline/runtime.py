@@ -60,3 +60,32 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim
+
+
+class HeapTrimmer:
+    """Trims the C heap (release_freed_memory) at the first check, then only once the process's
+    resident memory has grown by more than `slack_bytes` past its size after the last trim: the
+    heap's growth is bounded by the slack, and the trims, each of which costs the next allocations
+    their page faults, stay rare."""
+
+    def __init__(self, slack_bytes: int, resident_bytes: Callable[[], int] | None = None):
+        self.slack_bytes = slack_bytes
+        self.resident_bytes = resident_bytes or _resident_bytes
+        self.baseline: int | None = None
+        self.trims = 0
+
+    def check(self) -> bool:
+        """After a piece of work: trim if grown past the slack; whether it trimmed."""
+        resident = self.resident_bytes()
+        if self.baseline is not None and resident - self.baseline <= self.slack_bytes:
+            return False
+        trimmed = release_freed_memory()
+        self.baseline = self.resident_bytes()
+        self.trims += trimmed
+        return trimmed
+
+
+def _resident_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss

@@ -70,8 +70,8 @@ def test_a_cpu_detector_gets_batches_under_its_cap_and_a_gpu_one_whole_size_grou
     assert [size for batch in cpu.batches for size in batch] == [image.size for image in unit]
 
 
-def test_the_actor_trims_its_heap_after_each_unit(monkeypatch):
-    trims, processed = [], []
+def test_the_actor_checks_its_heap_after_each_unit(monkeypatch):
+    checks, processed = [], []
 
     def process_sources(mtcnn, sources, settings):
         processed.append(list(sources))
@@ -79,13 +79,33 @@ def test_the_actor_trims_its_heap_after_each_unit(monkeypatch):
 
     monkeypatch.setattr(faces, "process_sources", process_sources)
     actor = object.__new__(FaceDetector)  # without its MTCNN and metrics
-    monkeypatch.setattr(faces, "release_freed_memory", lambda: trims.append(len(processed)) or True)
+    actor.trimmer = SimpleNamespace(check=lambda: checks.append(len(processed)) or False)
     actor.mtcnn, actor.settings = None, faces.FaceSettings()
     actor.metrics = SimpleNamespace(count=lambda status: None)
     batch = {"shard": np.array([3, 4]), "sources": np.array([["a.jpg", "b.jpg"], ["c.jpg", "d.jpg"]], dtype=object)}
     out = actor(batch)
     assert out["source"] == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"] and out["shard"] == [3, 3, 4, 4]
-    assert trims == [1, 2]  # after each unit
+    assert checks == [1, 2]  # after each unit
+
+
+def test_the_heap_is_trimmed_first_then_only_past_the_slack(monkeypatch):
+    """A process's resident size after each unit (MB); a trim brings it back to 800 MB."""
+    resident = [900]
+    trims = []
+
+    def trim():
+        trims.append(resident[0])
+        resident[0] = 800
+        return True
+
+    monkeypatch.setattr(runtime, "release_freed_memory", trim)
+    trimmer = runtime.HeapTrimmer(slack_bytes=512, resident_bytes=lambda: resident[0])
+    after_units = []
+    for grown_to in (900, 1200, 1312, 1313, 1000, 1400):
+        resident[0] = grown_to
+        after_units.append(trimmer.check())
+    assert after_units == [True, False, False, True, False, True]
+    assert trims == [900, 1313, 1400] and trimmer.trims == 3  # at most the slack above 800 MB
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
