@@ -23,7 +23,8 @@ from data_pipeline.sources import Source, content_key, read_bytes
 from monitoring.metrics import PipelineMetrics
 
 # Photos per work unit, and so the largest batch one detect() call sees. On one CPU thread 12-16
-# photos per call ran fastest (the candidate boxes' tensors stay in cache); 32 was 25% slower.
+# small photos per call ran fastest (the candidate boxes' tensors stay in cache; 32 was 25%
+# slower); larger photos share a call only as far as CPU_BATCH_PIXELS allows.
 DETECT_BATCH = 16
 # Cap on the pixels of one detect() call: MTCNN's first stage holds the whole image pyramid of
 # the batch in memory at once.
