@@ -65,6 +65,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from base.process_memory import Reading, TreeMemory
+from data_pipeline.manifest import shard_files
 
 PROJECT = Path(__file__).resolve().parents[1]
 BASE_FOLDERS = (PROJECT / "data" / "demo_faces", PROJECT.parent / "shared" / "faces" / "aligned",
@@ -298,14 +299,8 @@ def run_pipeline(photos: Path, output: Path, resolution: int, shard_size: int, n
     photos_seen = manifest["counts"]["files_seen"]
     return {"photos": photos_seen, "seconds": round(seconds, 1), "photos_per_s": round(photos_seen / seconds, 2),
             **memory.result(), "memory_samples": memory.samples, "shards": len(manifest["shards"]),
-            "shard_files": len(listed_files(manifest)), "counts": manifest["counts"],
+            "shard_files": len(shard_files(manifest)), "counts": manifest["counts"],
             "loadavg_1min_before": round(load_before, 2), "loadavg_1min_after": round(os.getloadavg()[0], 2)}
-
-
-def listed_files(manifest: dict) -> list[str]:
-    """Every shard file the manifest lists: the shards, and the pyramid's levels where it has them."""
-    levels = manifest.get("levels") or []
-    return [shard["file"] for shards in [manifest["shards"], *(level["shards"] for level in levels)] for shard in shards]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
