@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         check_same_settings(finished, config, config.output)  # other settings: refused, not "done"
         print(f"{config.output} is already complete ({finished['counts']['faces_kept']} faces in "
               f"{len(finished['shards'])} shards): nothing to do (--overwrite redoes it)")
-        if note := old_shards_note(config.output):
+        if note := old_shards_note(config.output, finished):
             print(note, file=sys.stderr)
         return 0
     if not config.overwrite:  # before Ray starts: the pipeline writes only among its own files

@@ -170,13 +170,12 @@ def listed_shards(output: str) -> set[str]:
 
 
 def check_own_remote_output(output: str) -> None:
-    """check_own_output for an object-store output: UserError naming the first file directly
-    under the prefix that the pipeline did not write. Its own are the files the manifest there
-    lists, and those its local build folder's manifest or plan names (an upload cut short leaves
-    some of them without a manifest). Uploads never write into the prefix's subfolders, so
-    those are not looked at."""
-    listed = listed_shards(output)
-    owned = owned_names(build_folder(output)) | listed | ({MANIFEST_NAME, REJECTS_NAME} if listed else set())
+    """check_own_output for an object-store output that holds no complete manifest (a complete
+    one is "already complete" or refused before this): UserError naming the first file directly
+    under the prefix that the pipeline did not write. Its own are those its local build folder's
+    manifest or plan names (an upload cut short leaves some of them there without a manifest).
+    Uploads never write into the prefix's subfolders, so those are not looked at."""
+    owned = owned_names(build_folder(output))
     for name in sorted(storage.file_sizes(output)):
         if name not in owned:
             raise UserError(f"--output {output}: {storage.join(output, name)} is not this pipeline's output, and the "
